@@ -966,6 +966,12 @@ pub struct Ack {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk: Option<u32>,
     pub disposition: Disposition,
+    /// Why a `stale` message no longer counts (its attempt's end, e.g. the task was cancelled
+    /// or its worker declared lost), for the worker's log; absent on the other dispositions (a
+    /// `rejected` message's why comes in the `error` sent before its ack). Free text: a worker
+    /// logs its first [`LOGGED_MESSAGE_CHARS`] characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }

@@ -153,6 +153,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
         checkpoint_id: None,
         chunk: None,
         disposition: Disposition::Recorded,
+        reason: None,
         timestamp: ts,
     };
     let control = TaskControl {
@@ -223,7 +224,11 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             submit_seq: None,
             timestamp: ts,
         }),
-        CoordMsg::TaskResultAck(ack.clone()),
+        CoordMsg::TaskResultAck(Ack {
+            disposition: Disposition::Stale,
+            reason: Some("the task was cancelled".into()),
+            ..ack.clone()
+        }),
         CoordMsg::TaskStateAck(ack.clone()),
         CoordMsg::CheckpointAck(Ack {
             checkpoint_id: Some(ckpt()),

@@ -1807,8 +1807,11 @@ impl<'a> Session<'a> {
             return;
         }
         metrics::counter!(m::STALE_RESULTS).increment(1);
-        // The ack names no reason: stale is one, that the attempt no longer holds the lease.
-        let why = "its attempt no longer holds the task's lease: the coordinator declared this worker lost (away past its grace, --lost-after) or moved the task on, and runs it as another attempt";
+        // The coordinator says why (how the attempt ended); one that does not, the usual why.
+        let why = match ack.reason.as_deref() {
+            Some(reason) => format!("{:?}", tether_proto::msg::logged(reason)),
+            None => STALE_WHY.to_owned(),
+        };
         match held {
             Some(WorkerMsg::TaskResult(r)) => {
                 tracing::warn!(worker = %self.worker(), task = %r.task_id, attempt = %r.attempt, outcome = ?r.outcome, seq = %ack.ack_seq, "result kept by the coordinator but not counted (stale): {why}");
@@ -1883,6 +1886,7 @@ impl<'a> Session<'a> {
                 checkpoint_id: None,
                 chunk: None,
                 disposition: tether_proto::msg::Disposition::Recorded,
+                reason: None,
                 timestamp: acks.timestamp,
             };
             // No result leaves the outbox here (`result` above), so none has an ack to witness
@@ -2437,6 +2441,10 @@ fn result_ack_event(
     })
 }
 
+/// Why a result is `stale` when its ack does not say (a coordinator from before acks had a
+/// `reason`): the one way it comes about with a worker that did not cancel it.
+const STALE_WHY: &str = "its attempt no longer holds the task's lease: the coordinator declared this worker lost (away past its grace, --lost-after) or moved the task on, and runs it as another attempt";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2492,6 +2500,7 @@ mod tests {
             checkpoint_id: None,
             chunk: None,
             disposition: Disposition::Recorded,
+            reason: None,
             timestamp: now(),
         };
         let taken = take_witnessed(

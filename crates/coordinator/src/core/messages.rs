@@ -786,6 +786,7 @@ impl Core {
             }
         };
         metrics::counter!(m::RESULTS, "disposition" => label).increment(1);
+        let reason = self.ack_reason(disposition, &task_id, r.attempt);
         b.send(
             session,
             ack(
@@ -795,6 +796,7 @@ impl Core {
                 None,
                 None,
                 disposition,
+                reason,
             ),
         );
     }
@@ -883,6 +885,49 @@ impl Core {
         })
     }
 
+    /// The `reason` of an ack with `disposition`: for `stale`, why `attempt` of `task` no
+    /// longer counts (how it ended) and what became of the task, for the worker's log; none
+    /// for the others (a refusal's why goes in its `error`).
+    fn ack_reason(
+        &self,
+        disposition: Disposition,
+        task: &TaskId,
+        attempt: Attempt,
+    ) -> Option<String> {
+        if disposition != Disposition::Stale {
+            return None;
+        }
+        let t = self.tasks.get(task)?;
+        let end = t
+            .attempts
+            .iter()
+            .find(|a| a.attempt == attempt)
+            .and_then(|a| a.end.as_deref());
+        let why = match end {
+            Some("cancelled") => "the task was cancelled".to_owned(),
+            Some("timed_out") => {
+                "the task ran past its timeout and the coordinator ended it".to_owned()
+            }
+            Some(super::tasks::LOST) => "the attempt's lease was lost with its worker (away past its grace, --lost-after, or its process replaced)".to_owned(),
+            Some("stopped") => "the worker stopped and handed the attempt back".to_owned(),
+            Some("worker_fault") => {
+                "the attempt failed for a fault of the worker's own and the task was queued again"
+                    .to_owned()
+            }
+            Some(super::tasks::SUPERSEDED) => {
+                "a late result of an earlier attempt was counted instead".to_owned()
+            }
+            Some(other) => format!("the attempt ended {other}"),
+            None => "the attempt no longer holds the task's lease".to_owned(),
+        };
+        let now = match &t.lease {
+            Some(l) => format!("it runs as attempt {} on worker {}", l.attempt, l.worker),
+            None if t.status.is_terminal() => format!("it ended {}", t.status.as_str()),
+            None => format!("it is {}", t.status.as_str()),
+        };
+        Some(format!("attempt {attempt} no longer counts: {why}; {now}"))
+    }
+
     fn record_result(&mut self, worker: &WorkerId, r: &TaskResult, stale: bool, b: &mut Batch) {
         let Some(t) = self.tasks.get_mut(&r.task_id) else {
             return;
@@ -956,6 +1001,7 @@ impl Core {
                 Disposition::Rejected
             }
         };
+        let reason = self.ack_reason(disposition, &s.task_id, s.attempt);
         Core::send_ack(b, session, s.seq, disposition, || {
             ack(
                 CoordMsg::TaskStateAck,
@@ -964,6 +1010,7 @@ impl Core {
                 None,
                 None,
                 disposition,
+                reason,
             )
         });
     }
@@ -1174,6 +1221,7 @@ impl Core {
                 Disposition::Rejected
             }
         };
+        let reason = self.ack_reason(disposition, &c.task_id, c.attempt);
         Core::send_ack(b, session, c.seq, disposition, || {
             ack(
                 CoordMsg::CheckpointAck,
@@ -1182,6 +1230,7 @@ impl Core {
                 Some(c.checkpoint_id),
                 None,
                 disposition,
+                reason,
             )
         });
     }
@@ -1411,6 +1460,7 @@ impl Core {
                 Disposition::Rejected
             }
         };
+        let reason = self.ack_reason(disposition, &d.task_id, d.attempt);
         Core::send_ack(b, session, d.seq, disposition, || {
             ack(
                 CoordMsg::CheckpointDataAck,
@@ -1419,6 +1469,7 @@ impl Core {
                 Some(d.checkpoint_id),
                 Some(d.chunk),
                 disposition,
+                reason,
             )
         });
     }
@@ -1509,8 +1560,17 @@ impl Core {
                 Disposition::Rejected
             }
         };
+        let reason = self.ack_reason(disposition, &n.task_id, n.attempt);
         Core::send_ack(b, session, n.seq, disposition, || {
-            ack(kind, n.seq, Some(n.task_id), None, None, disposition)
+            ack(
+                kind,
+                n.seq,
+                Some(n.task_id),
+                None,
+                None,
+                disposition,
+                reason,
+            )
         });
     }
 
@@ -1561,6 +1621,7 @@ impl Core {
                 None,
                 None,
                 Disposition::Recorded,
+                None,
             )
         });
     }

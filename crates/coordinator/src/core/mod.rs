@@ -953,6 +953,7 @@ pub(crate) fn ack(
     checkpoint_id: Option<CheckpointId>,
     chunk: Option<u32>,
     disposition: Disposition,
+    reason: Option<String>,
 ) -> CoordMsg {
     kind(Ack {
         ack_seq: seq,
@@ -960,6 +961,7 @@ pub(crate) fn ack(
         checkpoint_id,
         chunk,
         disposition,
+        reason,
         timestamp: now(),
     })
 }

@@ -270,6 +270,18 @@ fn result_ack(msgs: &[CoordMsg]) -> Disposition {
     ack_of(msgs, "task_result_ack")
 }
 
+/// The disposition and `reason` of the first `task_result_ack` in `msgs`.
+fn result_ack_why(msgs: &[CoordMsg]) -> (Disposition, String) {
+    msgs.iter()
+        .find_map(|m| match m {
+            CoordMsg::TaskResultAck(a) => {
+                Some((a.disposition, a.reason.clone().unwrap_or_default()))
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("a task_result_ack in {msgs:?}"))
+}
+
 #[test]
 fn a_resent_result_is_acknowledged_as_duplicate_and_counted_once() {
     let mut h = Harness::new();
@@ -281,9 +293,16 @@ fn a_resent_result_is_acknowledged_as_duplicate_and_counted_once() {
             .any(|m| matches!(m, CoordMsg::TaskAssignment(_)))
     );
     h.frame("a", s, result(1, &t, 1));
-    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Recorded);
+    // Only a stale ack says why.
+    assert_eq!(
+        result_ack_why(&drain(&mut rx)),
+        (Disposition::Recorded, String::new())
+    );
     h.frame("a", s, result(2, &t, 1));
-    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Duplicate);
+    assert_eq!(
+        result_ack_why(&drain(&mut rx)),
+        (Disposition::Duplicate, String::new())
+    );
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed);
     assert_eq!(Counters::get(&h.core.counters.results_recorded), 1);
     assert_eq!(Counters::get(&h.core.counters.results_duplicate), 1);
@@ -311,7 +330,14 @@ fn a_result_of_an_attempt_that_lost_its_lease_is_stale_once_another_counted_and_
     // a comes back with its late result for attempt 1: kept as stale, not counted.
     let (sa2, mut rxa2) = h.connect("a");
     h.frame("a", sa2, result(1, &t, 1));
-    assert_eq!(result_ack(&drain(&mut rxa2)), Disposition::Stale);
+    assert_eq!(
+        result_ack_why(&drain(&mut rxa2)),
+        (
+            Disposition::Stale,
+            "attempt 1 no longer counts: the attempt's lease was lost with its worker (away past its grace, --lost-after, or its process replaced); it ended completed".into()
+        ),
+        "the ack says why, for the worker's log"
+    );
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed);
     assert_eq!(
         h.core.tasks[&t].attempts[1].end.as_deref(),
@@ -351,7 +377,12 @@ fn a_late_finished_result_is_counted_when_the_task_has_none_and_the_attempt_that
     );
     assert!(!h.core.workers[&wid("b")].leases.contains(&t));
     h.frame("b", sb, result(1, &t, 2));
-    assert_eq!(result_ack(&drain(&mut rxb)), Disposition::Stale);
+    let (disposition, why) = result_ack_why(&drain(&mut rxb));
+    assert_eq!(disposition, Disposition::Stale);
+    assert!(
+        why.contains("a late result of an earlier attempt was counted instead; it ended completed"),
+        "{why}"
+    );
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed);
     assert_eq!(Counters::get(&h.core.counters.results_recorded), 1);
     assert_eq!(Counters::get(&h.core.counters.results_adopted), 1);
@@ -388,7 +419,12 @@ fn a_late_result_that_is_not_finished_work_is_kept_stale() {
         };
         edit(&mut r);
         h.frame("a", sa2, WorkerMsg::TaskResult(r));
-        assert_eq!(result_ack(&drain(&mut rxa2)), Disposition::Stale, "{case}");
+        let (disposition, why) = result_ack_why(&drain(&mut rxa2));
+        assert_eq!(disposition, Disposition::Stale, "{case}");
+        assert!(
+            why.ends_with("lost with its worker (away past its grace, --lost-after, or its process replaced); it runs as attempt 2 on worker a"),
+            "{case}: {why}"
+        );
         assert!(!h.core.tasks[&t].status.is_terminal(), "{case}");
         assert_eq!(Counters::get(&h.core.counters.results_adopted), 0, "{case}");
     }
@@ -464,7 +500,13 @@ fn a_task_cancelled_while_running_stays_cancelled_when_its_completed_result_arri
     ));
     // The executor finished before the cancel reached it: its result is kept, not counted.
     h.frame("a", s, result(1, &t, 1));
-    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Stale);
+    assert_eq!(
+        result_ack_why(&drain(&mut rx)),
+        (
+            Disposition::Stale,
+            "attempt 1 no longer counts: the task was cancelled; it ended cancelled".into()
+        )
+    );
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Cancelled);
     assert_eq!(h.core.tasks[&t].outcome, None);
     assert_eq!(Counters::get(&h.core.counters.results_recorded), 0);
@@ -1031,7 +1073,12 @@ async fn a_task_far_past_its_timeout_is_timed_out_by_the_sweep() {
     // The worker's result after the backstop's `cancel_task`: kept, not counted, and counted
     // apart from the stale results of lost leases, as after a user's cancel.
     h.frame("a", s, result(1, &timed, 1));
-    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Stale);
+    let (disposition, why) = result_ack_why(&drain(&mut rx));
+    assert_eq!(disposition, Disposition::Stale);
+    assert!(
+        why.contains("the task ran past its timeout and the coordinator ended it"),
+        "{why}"
+    );
     assert_eq!(h.core.tasks[&timed].status, TaskStatus::TimedOut);
     assert_eq!(Counters::get(&h.core.counters.results_cancelled), 1);
     assert_eq!(Counters::get(&h.core.counters.results_stale), 0);
@@ -1530,7 +1577,14 @@ fn an_ended_attempts_unfinished_checkpoint_is_dropped_and_its_late_pieces_never_
     h.frame("a", sa2, checkpoint(3, &t, "c-old", 2, 2));
     assert_eq!(checkpoint_ack(&drain(&mut rxa2)), Disposition::Stale);
     h.frame("a", sa2, piece(4, &t, "c-old", 1, b"a"));
-    assert_eq!(data_ack(&drain(&mut rxa2)), Disposition::Stale);
+    let msgs = drain(&mut rxa2);
+    assert_eq!(data_ack(&msgs), Disposition::Stale);
+    let why = msgs.iter().find_map(|m| m.message_ack()?.reason.clone());
+    assert!(
+        why.as_deref()
+            .is_some_and(|w| w.ends_with("; it runs as attempt 2 on worker b")),
+        "{why:?}"
+    );
     let latest = h.core.tasks[&t].latest_checkpoint.clone().expect("latest");
     assert_eq!(latest.checkpoint_id.as_str(), "c-new");
 

@@ -131,8 +131,9 @@ pub enum Script {
     /// path goes silent.
     ReassignThenSilence,
     /// Like `Healthy`, and on the first connection assigns a one-step `sleep` task; every
-    /// `task_result` is acknowledged `stale` (kept, not counted: the attempt lost its lease).
-    StaleResults,
+    /// `task_result` is acknowledged `stale` (kept, not counted: the attempt lost its lease),
+    /// the ack giving `reason` (as an older coordinator, none when `None`).
+    StaleResults { reason: Option<&'static str> },
     /// Like `Healthy`, and on the first connection assigns a one-step `sleep` task; the first
     /// `task_result` is answered by an `error` `bad_frame` instead of its ack, as a coordinator
     /// does for a frame damaged on the wire (naming the result's `seq` when `named`: read far
@@ -466,7 +467,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
             let _ = ws.send(send(reassignment())).await;
             std::future::pending::<()>().await;
         }
-        Script::StaleResults | Script::DamagedResult { .. } => {
+        Script::StaleResults { .. } | Script::DamagedResult { .. } => {
             if conn == 0 {
                 let _ = ws.send(send(one_step())).await;
             }
@@ -485,9 +486,10 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                     result_times.lock().expect("lock").push(Instant::now());
                 }
                 let reply = match script {
-                    Script::StaleResults if result => {
+                    Script::StaleResults { reason } if result => {
                         if let CoordMsg::TaskResultAck(a) = &mut ack {
                             a.disposition = tether_proto::msg::Disposition::Stale;
+                            a.reason = reason.map(str::to_owned);
                         }
                         ack
                     }
@@ -868,6 +870,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                                 checkpoint_id: Some(c.checkpoint_id),
                                 chunk: None,
                                 disposition: tether_proto::msg::Disposition::Rejected,
+                                reason: None,
                                 timestamp: now(),
                             }))
                         }
@@ -942,6 +945,7 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                                     checkpoint_id: None,
                                     chunk: None,
                                     disposition: tether_proto::msg::Disposition::Recorded,
+                                    reason: None,
                                     timestamp: now(),
                                 });
                                 if ws.send(send(state_ack)).await.is_err() {
@@ -1156,6 +1160,7 @@ fn ack_of(m: &Message) -> Option<(u64, CoordMsg)> {
         checkpoint_id: None,
         chunk: None,
         disposition: tether_proto::msg::Disposition::Recorded,
+        reason: None,
         timestamp: now(),
     };
     let kind: fn(tether_proto::msg::Ack) -> CoordMsg = match msg {

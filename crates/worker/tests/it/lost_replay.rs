@@ -83,6 +83,7 @@ async fn serve(coord: Coordinator, conn: usize, io: tokio::io::DuplexStream) {
                     checkpoint_id: None,
                     chunk: None,
                     disposition: tether_proto::msg::Disposition::Recorded,
+                    reason: None,
                     timestamp: now(),
                 })
             }

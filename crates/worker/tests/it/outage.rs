@@ -166,38 +166,44 @@ impl std::io::Write for Log {
 }
 
 /// A result the coordinator keeps but does not count (`stale`: its attempt lost the lease) is
-/// work done for nothing: the worker says so at WARN, naming the task, the attempt and why,
-/// and counts it.
+/// work done for nothing: the worker says so at WARN, naming the task, the attempt and why
+/// (the coordinator's reason, or without one the usual why), and counts it.
 #[tokio::test(start_paused = true)]
-async fn a_result_acknowledged_stale_is_said_at_warn_naming_the_task_and_counted() {
-    let stale = StaleCount::default();
-    let counted = stale.0.clone();
-    let _recorder = metrics::set_default_local_recorder(&stale);
-    let log = Log::default();
-    let _log = log.capture();
-    let fake = FakeConnector::new(Script::StaleResults);
-    let running = Running::start(&fake, config());
-    running.wait_state(|s| s == ConnState::Connected).await;
-    assert!(
-        within(Duration::from_secs(30), || counted.load(Ordering::SeqCst)
-            == 1)
-        .await,
-        "counted once: {}",
-        counted.load(Ordering::SeqCst)
-    );
-    let said = log.text();
-    let line = said
-        .lines()
-        .find(|l| l.contains("not counted (stale)"))
-        .unwrap_or_else(|| panic!("no stale line in {said}"));
-    assert!(
-        line.contains("WARN")
-            && line.contains(&format!("task={ONE_STEP}"))
-            && line.contains("attempt=1")
-            && line.contains("no longer holds the task's lease"),
-        "{line}"
-    );
-    running.stop().await;
+async fn a_result_acknowledged_stale_is_said_at_warn_naming_the_task_and_why_and_counted() {
+    const REASON: &str = "attempt 1 no longer counts: the task was cancelled; it ended cancelled";
+    for (reason, why) in [
+        (Some(REASON), REASON),
+        (None, "no longer holds the task's lease"),
+    ] {
+        let stale = StaleCount::default();
+        let counted = stale.0.clone();
+        let _recorder = metrics::set_default_local_recorder(&stale);
+        let log = Log::default();
+        let _log = log.capture();
+        let fake = FakeConnector::new(Script::StaleResults { reason });
+        let running = Running::start(&fake, config());
+        running.wait_state(|s| s == ConnState::Connected).await;
+        assert!(
+            within(Duration::from_secs(30), || counted.load(Ordering::SeqCst)
+                == 1)
+            .await,
+            "counted once: {}",
+            counted.load(Ordering::SeqCst)
+        );
+        let said = log.text();
+        let line = said
+            .lines()
+            .find(|l| l.contains("not counted (stale)"))
+            .unwrap_or_else(|| panic!("no stale line in {said}"));
+        assert!(
+            line.contains("WARN")
+                && line.contains(&format!("task={ONE_STEP}"))
+                && line.contains("attempt=1")
+                && line.contains(why),
+            "{reason:?}: {line}"
+        );
+        running.stop().await;
+    }
 }
 
 /// A result whose frame the coordinator dropped as damaged (`bad_frame`, no `seq` read) is

@@ -141,6 +141,7 @@ fn ack_of(msg: &WorkerMsg) -> Option<CoordMsg> {
         checkpoint_id: None,
         chunk: None,
         disposition: tether_proto::msg::Disposition::Recorded,
+        reason: None,
         timestamp: now(),
     };
     Some(match msg {

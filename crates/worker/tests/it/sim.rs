@@ -415,6 +415,7 @@ async fn serve(io: DuplexStream, truth: Arc<Mutex<Truth>>, conn: usize) {
             checkpoint_id: None,
             chunk: None,
             disposition,
+            reason: None,
             timestamp: now(),
         };
         let replies: Vec<CoordMsg> = match msg {
