@@ -1016,7 +1016,9 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
 }
 
 /// A worker's STATE column: its state, or, connected, why it takes no new task: it said it
-/// is stopping (`worker_stopping`), or it rests after a fault of its own (`worker_fault`).
+/// is stopping (`worker_stopping`), it is drained, or it rests after a fault of its own
+/// (`worker_fault`). One drained and not connected says both: it stays drained when it
+/// comes back.
 fn worker_state(w: &Value) -> String {
     match (w["state"].as_str(), w["stopping"].as_bool()) {
         (Some("connected"), Some(true)) => "stopping".to_owned(),
@@ -1028,6 +1030,7 @@ fn worker_state(w: &Value) -> String {
             }
         }
         (Some("connected"), _) if w["resting"].is_object() => "resting".to_owned(),
+        _ if w["draining"] == true => format!("{}, drained", s(&w["state"])),
         _ => s(&w["state"]),
     }
 }
@@ -1177,7 +1180,7 @@ fn worker_fields(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<(&'static
         "resting" => " (connected; it takes no new task until its rest ends)",
         "draining" => " (connected; drained: it takes no new task, what it holds runs on)",
         "drained" => " (connected; drained: it takes no new task, and holds none)",
-        _ if w["draining"] == true => " (drained: it takes no new task when it comes back)",
+        _ if w["draining"] == true => " (it takes no new task when it comes back)",
         _ => "",
     };
     f.push(("state", format!("{state}{why}")));
@@ -1957,6 +1960,22 @@ mod tests {
             ),
             (
                 serde_json::json!({"state": "lost", "stopping": true}),
+                "lost",
+            ),
+            (
+                serde_json::json!({"state": "connected", "draining": true, "leases": ["t-1"]}),
+                "draining",
+            ),
+            (
+                serde_json::json!({"state": "connected", "draining": true, "leases": []}),
+                "drained",
+            ),
+            (
+                serde_json::json!({"state": "disconnected", "draining": true}),
+                "disconnected, drained",
+            ),
+            (
+                serde_json::json!({"state": "lost", "draining": false}),
                 "lost",
             ),
         ] {
