@@ -235,3 +235,53 @@ async fn retry_runs_an_ended_task_again_as_a_new_task_with_its_spec() {
     w.stop().await.expect("w1 stops");
     c.stop().await;
 }
+
+/// `tether retry` of more tasks than the coordinator takes in one submission sends them in
+/// parts: every task is submitted again once, each line naming its original, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_of_more_tasks_than_one_submission_takes_sends_them_in_parts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().join("c"));
+    cfg.max_submit_batch = 3;
+    let c = spawn_coordinator_with(cfg, None).await;
+    let base = format!("http://{}", c.addr);
+    let client = c.client();
+    // Ended without a worker: cancelled while queued.
+    let specs: Vec<TaskSpec> = (0..7)
+        .map(|i| {
+            let mut spec = TaskSpec::new("sleep", serde_json::json!({"ms": 1}));
+            spec.name = Some(format!("part-{i}"));
+            spec
+        })
+        .collect();
+    let mut old = Vec::new();
+    for part in specs.chunks(3) {
+        old.extend(client.submit(part).await);
+    }
+    for id in &old {
+        client.control(id, "cancel").await;
+        client.wait_status(id, "cancelled").await;
+    }
+    let mut args = vec!["retry"];
+    args.extend(old.iter().map(TaskId::as_str));
+    let (code, out, err) = tether(&base, &args).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), old.len(), "{out}");
+    let mut new = std::collections::BTreeSet::new();
+    for (i, (line, old)) in lines.iter().zip(&old).enumerate() {
+        let (id, of) = line.split_once(' ').expect("an id and its original");
+        assert_eq!(of, format!("(retry of {old})"), "{out}");
+        let t = client.task(&TaskId::parse(id).expect("a task id")).await;
+        assert_eq!(t["spec"]["name"], format!("part-{i}"), "{t}");
+        assert_eq!(t["status"], "queued", "{t}");
+        assert!(new.insert(id.to_owned()), "{id} twice: {out}");
+    }
+    let all = client.get("/api/v1/tasks").await.1;
+    assert_eq!(
+        all.as_array().map(Vec::len),
+        Some(2 * old.len()),
+        "each submitted again once: {all}"
+    );
+    c.stop().await;
+}

@@ -420,7 +420,7 @@ fn spec_to_retry(t: &Value) -> anyhow::Result<Value> {
     let id = s(&t["task_id"]);
     if !has_ended(t) {
         bail!(
-            "task {id} is {}: only an ended task is run again (cancel it first: `tether cancel              {id}`)",
+            "task {id} is {}: only an ended task is run again (cancel it first: `tether cancel {id}`)",
             s(&t["status"])
         );
     }
@@ -438,7 +438,7 @@ fn spec_to_retry(t: &Value) -> anyhow::Result<Value> {
         .is_some_and(|env| env.values().any(|v| v == REDACTED));
     if redacted {
         bail!(
-            "task {id}'s env values are hidden from this token (`{REDACTED}`): run it again with              an admin token"
+            "task {id}'s env values are hidden from this token (`{REDACTED}`): run it again with an admin token"
         );
     }
     Ok(spec)
@@ -466,28 +466,84 @@ pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
         specs.push(spec_to_retry(t)?);
     }
     let sent = std::time::Instant::now();
-    let body = serde_json::to_vec(&json!({ "tasks": specs }))?;
-    let v = api
-        .post_text("/api/v1/tasks", bytes::Bytes::from(body))
-        .await
-        .map_err(|e| match e.downcast_ref::<NoAnswer>() {
-            Some(_) => e.context(
-                "the submission's outcome is unknown: the tasks may have been submitted again;                  check with `tether tasks --newest` before retrying again",
-            ),
-            None => e,
-        })?;
-    let ids = submitted_ids(&v, specs.len())?;
-    if a.common.json {
-        outln!("{v}")?;
-    } else {
-        for (new, old) in ids.iter().zip(&a.ids) {
-            outln!("{} (retry of {old})", shown(new))?;
+    let (ids, failed) = submit_in_parts(&api, &specs, |new, at| {
+        if !a.common.json {
+            for (new, old) in new.iter().zip(&a.ids[at..]) {
+                outln!("{} (retry of {old})", shown(new))?;
+            }
         }
+        Ok(())
+    })
+    .await;
+    if a.common.json {
+        outln!("{}", json!({ "task_ids": ids }))?;
+    }
+    if let Some(e) = failed {
+        return Err(match ids.len() {
+            0 => e,
+            n => e.context(format!(
+                "{n} of the {} tasks were submitted again (their new ids above); the rest were not",
+                specs.len()
+            )),
+        });
     }
     if !a.watch {
         return Ok(());
     }
     crate::watch::follow_submitted(&api, ids.into_iter().collect(), a.common.json, sent).await
+}
+
+/// Most specs `tether retry` sends a request: within the coordinator's default of
+/// 10,000 a submission.
+const RETRY_PART: usize = 1000;
+
+/// Submits `specs` (none with an id) in parts of at most [`RETRY_PART`]; a part the coordinator
+/// refuses as too many tasks or too large a body (refused whole: nothing of it submitted) is
+/// sent again in halves. `done` sees each part's new ids and the index of its first spec, as it
+/// is submitted. The new ids in order, and the error that stopped it, if any: the parts before
+/// it stay submitted.
+async fn submit_in_parts(
+    api: &Api,
+    specs: &[Value],
+    mut done: impl FnMut(&[String], usize) -> anyhow::Result<()>,
+) -> (Vec<String>, Option<anyhow::Error>) {
+    let mut ids = Vec::with_capacity(specs.len());
+    let mut part = RETRY_PART;
+    while ids.len() < specs.len() {
+        let at = ids.len();
+        let these = &specs[at..(at + part).min(specs.len())];
+        let body = match serde_json::to_vec(&json!({ "tasks": these })) {
+            Ok(b) => bytes::Bytes::from(b),
+            Err(e) => return (ids, Some(e.into())),
+        };
+        let v = match api.post_text("/api/v1/tasks", body).await {
+            Ok(v) => v,
+            Err(e) if part > 1 && e.downcast_ref::<Refused>().is_some_and(Refused::too_many) => {
+                part = these.len().div_ceil(2);
+                continue;
+            }
+            Err(e) => {
+                let e = match e.downcast_ref::<NoAnswer>() {
+                    Some(_) => e.context(
+                        "the submission's outcome is unknown: the tasks may have been submitted \
+                         again; check with `tether tasks --newest` before retrying again",
+                    ),
+                    None => e,
+                };
+                return (ids, Some(e));
+            }
+        };
+        match submitted_ids(&v, these.len()) {
+            Ok(new) => {
+                if let Err(e) = done(&new, at) {
+                    return (ids, Some(e));
+                }
+                ids.extend(new);
+            }
+            Err(e) => return (ids, Some(e)),
+        }
+    }
+    (ids, None)
 }
 
 /// The ids of the `sent` tasks from the answer `v` to their submission: an id each, or an

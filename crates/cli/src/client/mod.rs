@@ -177,6 +177,16 @@ impl Refused {
         self.status == http::StatusCode::PAYLOAD_TOO_LARGE.as_u16()
     }
 
+    /// Whether the coordinator refused a submission whole as more than it takes at once: too
+    /// large a body (HTTP 413), or more tasks than one request may carry (HTTP 422, "more than
+    /// N tasks in one request"): in fewer parts, the same tasks may be taken.
+    pub(crate) fn too_many(&self) -> bool {
+        self.too_large()
+            || (self.status == http::StatusCode::UNPROCESSABLE_ENTITY.as_u16()
+                && self.message.starts_with("more than ")
+                && self.message.contains(" tasks in one request"))
+    }
+
     /// This refusal, told how a client command gives a token when it refused the request's
     /// token (see [`token_hint`]); the coordinator's words cannot know the client's flags.
     fn with_token_hint(mut self, asks_for_bearer: bool, sent_token: bool) -> Self {
@@ -718,6 +728,23 @@ mod tests {
         let r = Refused::of(http::StatusCode::CONFLICT, &other);
         assert!(!r.too_large());
         assert_eq!(r.to_string(), "exists (HTTP 409)");
+    }
+
+    /// A submission refused as more than one request takes (413, or the coordinator's 422 for
+    /// too many tasks) may go in parts; one refused for its content may not.
+    #[test]
+    fn a_submission_refused_for_its_size_may_go_in_parts_and_one_refused_for_its_content_not() {
+        let words = |code: &str, message: &str| serde_json::json!({"error": {"code": code, "message": message}});
+        let unprocessable = http::StatusCode::UNPROCESSABLE_ENTITY;
+        let many = words(
+            "invalid",
+            "more than 3 tasks in one request; at most 3 are accepted",
+        );
+        assert!(Refused::of(unprocessable, &many).too_many());
+        assert!(Refused::of(http::StatusCode::PAYLOAD_TOO_LARGE, &Value::Null).too_many());
+        let bad = words("invalid", "tasks[2].kind: unknown kind");
+        assert!(!Refused::of(unprocessable, &bad).too_many());
+        assert!(!Refused::of(http::StatusCode::CONFLICT, &many).too_many());
     }
 
     /// A 414 in the coordinator's words is said as it came; a bare one (hyper's own, past its

@@ -382,7 +382,7 @@ impl StressArgs {
         let most = u64::from(fleet::MAX_FLOOD_TASK_RATE) * slots;
         if self.scenario == Scenario::MessageFlood && self.rate > most {
             bail!(
-                "--rate must be at most {most} updates a second per worker with {slots} slots:                  each slot's flood task reports at most {} times a second",
+                "--rate must be at most {most} updates a second per worker with {slots} slots: each slot's flood task reports at most {} times a second",
                 fleet::MAX_FLOOD_TASK_RATE
             );
         }
