@@ -13,7 +13,8 @@
 //! No async runtime here: this crate is what a worker in another language would re-implement.
 //! Behind features, helpers the coordinator and worker share: `counters` (metrics by message
 //! type), `lockfile` (one process to a directory), `drain` (a write bounded by a liveness
-//! deadline that moves while bytes are taken).
+//! deadline that moves while bytes are taken), `whole_file` (a new database file made whole
+//! before it takes its name).
 
 pub mod auth;
 pub mod codec;
@@ -34,6 +35,8 @@ pub mod samples;
 pub mod settings;
 pub mod task;
 pub mod time;
+#[cfg(feature = "whole-file")]
+pub mod whole_file;
 
 pub use codec::{Batch, DecodeError, decode_coord, decode_worker, encode, is_batch};
 pub use ids::{Attempt, CheckpointId, Seq, TaskId, WorkerId};

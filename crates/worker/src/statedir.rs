@@ -651,11 +651,7 @@ fn open_db(path: &Path, schema: &str, newest: i64) -> Result<(Connection, i64), 
             // A clean close removes both; a crash leaves both. The shared-memory file alone
             // means the log was removed by hand, and with it the latest writes, which SQLite
             // would silently open without.
-            let sibling = |suffix: &str| {
-                let mut f = path.as_os_str().to_owned();
-                f.push(suffix);
-                PathBuf::from(f)
-            };
+            let sibling = |suffix| tether_proto::whole_file::sibling(path, suffix);
             let (wal, shm) = (sibling("-wal"), sibling("-shm"));
             if shm.exists() && !wal.exists() {
                 return Err(StateDirError::WalMissing { wal, shm });
@@ -713,38 +709,20 @@ fn tighten_files(dir: &Path) {
 /// database (made at `path` itself, a worker SIGKILLed between the file and its header could
 /// not start again until the file was moved away by hand).
 fn create_db(path: &Path) -> Result<(), StateDirError> {
-    let named = |suffix: &str| {
-        let mut f = path.as_os_str().to_owned();
-        f.push(suffix);
-        PathBuf::from(f)
-    };
-    let new = named(".new");
-    for suffix in [".new", ".new-wal", ".new-shm", ".new-journal"] {
-        match std::fs::remove_file(named(suffix)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(StateDirError::io(&named(suffix))(e));
-            }
-            _ => {}
-        }
-    }
-    private::create_file(&new).map_err(StateDirError::io(&new))?;
+    use tether_proto::whole_file::{Failed, create_whole};
     // WAL mode is kept in the header, which setting it writes: the file is a database.
-    Connection::open(&new)
-        .and_then(|conn| conn.pragma_update(None, "journal_mode", "WAL"))
-        .map_err(|e| StateDirError::Corrupt {
-            path: new.clone(),
-            detail: e.to_string(),
-        })?;
-    std::fs::File::open(&new)
-        .and_then(|f| f.sync_all())
-        .and_then(|()| std::fs::rename(&new, path))
-        .map_err(StateDirError::io(path))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(StateDirError::io(dir))?;
-    }
-    Ok(())
+    let wal = |new: &Path| {
+        Connection::open(new)
+            .and_then(|conn| conn.pragma_update(None, "journal_mode", "WAL"))
+            .map_err(|e| StateDirError::Corrupt {
+                path: new.to_owned(),
+                detail: e.to_string(),
+            })
+    };
+    create_whole(path, private::FILE_MODE, wal).map_err(|e| match e {
+        Failed::Io { path, source } => StateDirError::io(&path)(source),
+        Failed::Fill(e) => e,
+    })
 }
 
 /// Removes the `-wal` and `-shm` files of the missing database at `path` (moved away without
@@ -752,9 +730,7 @@ fn create_db(path: &Path) -> Result<(), StateDirError> {
 /// that WAL into the new file made at `path`.
 fn remove_stale_wal(path: &Path) -> Result<(), StateDirError> {
     for suffix in ["-wal", "-shm"] {
-        let mut stale = path.as_os_str().to_owned();
-        stale.push(suffix);
-        let stale = PathBuf::from(stale);
+        let stale = tether_proto::whole_file::sibling(path, suffix);
         match std::fs::remove_file(&stale) {
             Ok(()) => {
                 tracing::warn!(path = %stale.display(), "removed, left by a database that is gone");

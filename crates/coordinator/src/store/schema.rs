@@ -248,69 +248,38 @@ pub(super) fn check(path: &Path) -> Result<i64, StoreError> {
 /// emptied database (made at `path` itself, a SIGKILL between the file and its header left a
 /// data directory the coordinator would not start on until the file was deleted by hand).
 fn create_private(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use tether_proto::whole_file::{Failed, create_whole};
     // Anything there, a dangling link too, is left to SQLite: it says what it cannot open.
     if std::fs::symlink_metadata(path).is_ok() {
         return Ok(());
     }
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source: std::io::Error| match super::space::io_out_of_space(&source) {
-            true => StoreError::OutOfSpace {
+    // WAL mode is kept in the header, which setting it writes: the file is a database.
+    let wal = |new: &Path| {
+        let conn = Connection::open(new).map_err(|source| StoreError::Open {
+            path: new.to_owned(),
+            source,
+        })?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| {
+                super::space::or_out_of_space(&conn, new, e, |source| StoreError::Sql {
+                    path: new.to_owned(),
+                    source,
+                })
+            })
+    };
+    create_whole(path, super::FILE_MODE, wal).map_err(|e| match e {
+        Failed::Io { path, source } if super::space::io_out_of_space(&source) => {
+            StoreError::OutOfSpace {
                 path,
                 source: super::WriteError::Dir(source),
-            },
-            false => StoreError::Access { path, source },
+            }
         }
-    };
-    let new = sibling(path, ".new");
-    for suffix in [".new", ".new-wal", ".new-shm", ".new-journal"] {
-        let left = sibling(path, suffix);
-        match std::fs::remove_file(&left) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&left)(e)),
-            _ => {}
-        }
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(super::FILE_MODE)
-        .open(&new)
-        // A umask that takes the owner's bits too (0277) would leave it unwritable.
-        .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(super::FILE_MODE)))
-        .map_err(io(&new))?;
-    // WAL mode is kept in the header, which setting it writes: the file is a database.
-    let conn = Connection::open(&new).map_err(|source| StoreError::Open {
-        path: new.clone(),
-        source,
-    })?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(|e| {
-            super::space::or_out_of_space(&conn, &new, e, |source| StoreError::Sql {
-                path: new.clone(),
-                source,
-            })
-        })?;
-    drop(conn);
-    std::fs::File::open(&new)
-        .and_then(|f| f.sync_all())
-        .and_then(|()| std::fs::rename(&new, path))
-        .map_err(io(path))?;
-    match path.parent() {
-        Some(dir) => std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir)),
-        None => Ok(()),
-    }
+        Failed::Io { path, source } => StoreError::Access { path, source },
+        Failed::Fill(e) => e,
+    })
 }
 
-/// The file of SQLite's beside the database at `path` whose name ends in `suffix` (`-wal`,
-/// `-shm`).
-pub(super) fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
-    let mut f = path.as_os_str().to_owned();
-    f.push(suffix);
-    std::path::PathBuf::from(f)
-}
+pub(super) use tether_proto::whole_file::sibling;
 
 /// Opens the database at `path` (passed by [`check`]) for writing, switches to WAL and applies
 /// pending migrations up to version `through`.
