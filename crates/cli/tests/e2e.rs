@@ -111,7 +111,7 @@ fn a_run_that_cannot_start_keeps_the_log_its_error_names() {
     );
 }
 
-const KINDS: [&str; 14] = [
+const KINDS: [&str; 15] = [
     "latency",
     "bandwidth",
     "blackhole",
@@ -126,6 +126,7 @@ const KINDS: [&str; 14] = [
     "coordinator_kill",
     "lease_loss",
     "slow_close",
+    "drain",
 ];
 
 #[test]
@@ -158,7 +159,7 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
         assert!(f["count"].as_u64() >= Some(1), "{k} ran: {md}");
         assert_eq!(f["fired"], f["count"], "{k}");
         match k {
-            "latency" | "bandwidth" | "slicer" | "stall" => {
+            "latency" | "bandwidth" | "slicer" | "stall" | "drain" => {
                 assert!(f["detected"].is_null(), "{k}: {f}")
             }
             _ => assert_eq!(f["detected"], f["count"], "{k}"),
@@ -214,6 +215,16 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
                 // left to the grace period: the verdict's check).
                 assert!(o["handback"]["handed_back"].is_u64(), "{o}");
                 assert_eq!(o["handback"]["left"], serde_json::json!([]), "{o}");
+                continue;
+            }
+            Some("drain") => {
+                // The coordinator's record said so at the end of the hold; the attempts
+                // started meanwhile were read from its tasks, none on the drained worker (the
+                // verdict's check, which also wants some started elsewhere).
+                let e = o["evidence"].as_str().unwrap_or_default();
+                assert!(e.starts_with("its record said draining true"), "{o}");
+                assert_eq!(o["drained"]["on_it"], serde_json::json!([]), "{o}");
+                assert!(o["drained"]["elsewhere"].is_u64(), "{o}");
                 continue;
             }
             Some("proxy_down") => {

@@ -338,8 +338,27 @@ impl System {
         }
     }
 
-    /// Applies `d`, holds it, removes it, and waits for the fleet to be whole again.
-    pub async fn apply(&mut self, d: &Disruption) -> anyhow::Result<Observation> {
+    /// `drain`: drains its worker through the API. Returns when the coordinator answered:
+    /// from then on no task may start on it.
+    pub async fn drain(&self, d: &Disruption) -> anyhow::Result<DateTime<Utc>> {
+        let Some(worker) = d.target.and_then(|i| self.workers.get(i)) else {
+            anyhow::bail!("drain needs a target");
+        };
+        let path = format!("/api/v1/workers/{}/drain", worker.id);
+        self.coordinator
+            .api
+            .post(&path, &serde_json::json!({}))
+            .await?;
+        Ok(Utc::now())
+    }
+
+    /// Applies `d`, holds it, removes it, and waits for the fleet to be whole again. A `drain`
+    /// was put in place by [`System::drain`] at `drained_at`.
+    pub async fn apply(
+        &mut self,
+        d: &Disruption,
+        drained_at: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<Observation> {
         let retargeted;
         let d = match d.kind {
             Kind::WorkerKill => {
@@ -373,8 +392,9 @@ impl System {
             (false, _) => vec![],
         };
         let frames_before = frame_counters(self).await;
-        let started_at = Utc::now();
+        let started_at = drained_at.unwrap_or_else(Utc::now);
         let mut note = String::new();
+        let mut drained_between = None;
         let mut shape_stats = None;
         // What shows that a disruption without counters of its own took effect, and whether
         // it does.
@@ -502,6 +522,34 @@ impl System {
                 }
                 None
             }
+            (None, Kind::Drain) => {
+                let (Some(t), Some(from)) = (target.as_deref(), drained_at) else {
+                    anyhow::bail!("drain needs a target, drained first (System::drain)");
+                };
+                tokio::time::sleep(d.hold).await;
+                // Still drained at the end of the hold, by the coordinator's own record.
+                let w = self
+                    .coordinator
+                    .api
+                    .get(&format!("/api/v1/workers/{t}"))
+                    .await?;
+                let leases = w["leases"].as_array().map_or(0, Vec::len);
+                evidence = Some((
+                    w["draining"] == true,
+                    format!(
+                        "its record said draining {} at the end of the hold, with {leases} leases",
+                        w["draining"]
+                    ),
+                ));
+                let until = Utc::now();
+                let path = format!("/api/v1/workers/{t}/undrain");
+                self.coordinator
+                    .api
+                    .post(&path, &serde_json::json!({}))
+                    .await?;
+                drained_between = Some((from, until));
+                None
+            }
             (None, Kind::CoordinatorKill) => {
                 evidence = Some(killed(self.coordinator.kill().await));
                 tokio::time::sleep(d.hold).await;
@@ -558,6 +606,8 @@ impl System {
             fleet_recovered,
             handback: None,
             outlived,
+            drained_between,
+            drained: None,
             note,
         })
     }

@@ -487,10 +487,17 @@ async fn drive(
             d.kind,
             Kind::WorkerKill | Kind::WorkerStop | Kind::Corrupt | Kind::LeaseLoss
         );
+        // A drain goes in first, then the wave: its tasks start on the other workers while it
+        // lasts, and none may start on the drained one.
+        let drained_at = match d.kind {
+            Kind::Drain => Some(sys.drain(d).await?),
+            _ => None,
+        };
+        let wave_first = wave_first || drained_at.is_some();
         if wave_first {
             submit_wave(sys, d.index + 1, &mut rng, &mut submitted, &mut bodies).await?;
         }
-        let o = sys.apply(d).await?;
+        let o = sys.apply(d, drained_at).await?;
         outln!(
             "#{:<3} {:<16} {:<8} held {:>5} ms, fired {}, fleet whole again {}{}",
             o.index,

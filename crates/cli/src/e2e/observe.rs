@@ -304,6 +304,12 @@ pub struct Observation {
     /// `worker_kill`: the killed worker's task processes, and those that outlived it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlived: Option<super::verdict::Outlived>,
+    /// `drain`: from the drain's answer to the undrain's request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drained_between: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// `drain`: the attempts started meanwhile ([`Observation::handback_from`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drained: Option<super::verdict::Drained>,
     pub note: String,
 }
 
@@ -326,19 +332,27 @@ impl Observation {
                 .collect(),
             handback: self.handback.clone(),
             outlived: self.outlived.clone(),
+            drained: self.drained.clone(),
         }
     }
 
-    /// `worker_stop`: from the tasks' attempts as the coordinator lists them at the end, what
-    /// became of the leases the stopped worker held when it was told to stop.
+    /// From the tasks' attempts as the coordinator lists them at the end: `worker_stop`, what
+    /// became of the leases the stopped worker held when it was told to stop; `drain`, the
+    /// attempts started while its worker was drained.
     pub fn handback_from(&mut self, tasks: &[super::verdict::TaskView]) {
-        if let (Kind::WorkerStop, Some(worker)) = (self.kind, &self.target) {
-            self.handback = Some(super::verdict::Handback::of(
-                tasks,
-                worker,
-                self.started_at,
-                self.removed_at,
-            ));
+        match (self.kind, &self.target, self.drained_between) {
+            (Kind::WorkerStop, Some(worker), _) => {
+                self.handback = Some(super::verdict::Handback::of(
+                    tasks,
+                    worker,
+                    self.started_at,
+                    self.removed_at,
+                ));
+            }
+            (Kind::Drain, Some(worker), Some((from, until))) => {
+                self.drained = Some(super::verdict::Drained::of(tasks, worker, from, until));
+            }
+            _ => {}
         }
     }
 
@@ -482,6 +496,8 @@ mod tests {
             fleet_recovered: true,
             handback: None,
             outlived: None,
+            drained_between: None,
+            drained: None,
             note: String::new(),
         }
     }

@@ -49,6 +49,10 @@ pub enum Kind {
     /// (SIGTERM) and starts again: its old link outlives its process, and the new session
     /// opens beside it.
     SlowClose,
+    /// An operator's drain of one worker through the API (`POST .../drain`), held, then
+    /// undrained: a wave of tasks goes in while it is drained, none may start on it, and no
+    /// session may end for it.
+    Drain,
     /// Kernel-made (`--netns`): one worker's veth link down, TCP left to retransmit into
     /// nothing, then up.
     LinkDown,
@@ -58,7 +62,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Latency,
         Kind::Bandwidth,
         Kind::Blackhole,
@@ -73,6 +77,7 @@ impl Kind {
         Kind::CoordinatorKill,
         Kind::LeaseLoss,
         Kind::SlowClose,
+        Kind::Drain,
     ];
 
     /// Kinds that need `--netns`.
@@ -99,6 +104,7 @@ impl Kind {
             Kind::CoordinatorKill => "coordinator_kill",
             Kind::LeaseLoss => "lease_loss",
             Kind::SlowClose => "slow_close",
+            Kind::Drain => "drain",
             Kind::LinkDown => "link_down",
             Kind::LinkCrawl => "link_crawl",
         }
@@ -131,16 +137,21 @@ impl Kind {
     /// session it ended in the worker's own log, the coordinator's disconnect, frames it
     /// counted undecodable. The slow links (latency, bandwidth, slicer, stall, link_crawl) end
     /// nothing on purpose: nothing records noticing them, and their detection is not
-    /// applicable rather than taken to be their firing.
+    /// applicable rather than taken to be their firing; nor does a drain, which is no fault.
     pub fn detectable(self) -> bool {
         !matches!(
             self,
-            Kind::Latency | Kind::Bandwidth | Kind::Slicer | Kind::Stall | Kind::LinkCrawl
+            Kind::Latency
+                | Kind::Bandwidth
+                | Kind::Slicer
+                | Kind::Stall
+                | Kind::LinkCrawl
+                | Kind::Drain
         )
     }
 
-    /// Whether every session must live through it: the slow links that slow a link without
-    /// ever leaving it silent for long. Latency of at most 450 ms each way is well inside the
+    /// Whether every session must live through it: a drain (no network fault at all), and the
+    /// slow links that slow a link without ever leaving it silent for long. Latency of at most 450 ms each way is well inside the
     /// worker's 1.5 s liveness timeout (which grows with the measured round trip); the slicer
     /// passes tens of kilobytes a second and a bandwidth fault 2 to 8 KB/s, well above what
     /// heartbeats and small task messages need, and far below the counter task's checkpoints
@@ -154,7 +165,15 @@ impl Kind {
     /// the timeout before it has grown), and `link_crawl`, whose filter drops packets and so
     /// doubles TCP's retransmission timer past the timeout.
     pub fn rides_through(self) -> bool {
-        matches!(self, Kind::Latency | Kind::Bandwidth | Kind::Slicer)
+        matches!(
+            self,
+            Kind::Latency | Kind::Bandwidth | Kind::Slicer | Kind::Drain
+        )
+    }
+
+    /// Whether it is an operator's action through the API, not a fault: none of `network`.
+    pub fn operator(self) -> bool {
+        self == Kind::Drain
     }
 
     /// Whether it ends a process (a kill, or a worker's graceful stop): none of `network`.
@@ -184,6 +203,7 @@ impl Kind {
                 | Kind::WorkerStop
                 | Kind::LeaseLoss
                 | Kind::SlowClose
+                | Kind::Drain
                 | Kind::LinkDown
                 | Kind::LinkCrawl
         )
@@ -200,7 +220,7 @@ pub fn scenario_kinds(scenario: &str, netns: bool) -> anyhow::Result<Vec<Kind>> 
         "kernel" => Kind::KERNEL.to_vec(),
         "network" => Kind::ALL
             .into_iter()
-            .filter(|k| !k.ends_a_process())
+            .filter(|k| !k.ends_a_process() && !k.operator())
             .collect(),
         "crash" => vec![Kind::WorkerKill, Kind::CoordinatorKill],
         list => {
@@ -437,6 +457,8 @@ pub fn plan(
                 // Until both sides declared the silent link dead, like a blackhole.
                 Kind::LinkDown => (None, Direction::Both, MAX_HOLD),
                 Kind::LinkCrawl => (None, Direction::Both, timed),
+                // At least past the liveness timeout ([`Kind::rides_through`]).
+                Kind::Drain => (None, Direction::Both, timed),
             };
             // Each proxy fault is scheduled by its own kind (a lease loss is a blackhole held
             // longer).
@@ -524,7 +546,7 @@ mod tests {
             for seed in 0..20 {
                 let p = plan(&kinds, 1, 3, Duration::from_millis(ms), seed, CORRUPT_RATE);
                 let ridden: Vec<_> = p.iter().filter(|d| d.kind.rides_through()).collect();
-                assert_eq!(ridden.len(), 3);
+                assert_eq!(ridden.len(), 4);
                 for d in ridden {
                     assert!(d.hold >= timeout + PAST_LIVENESS, "{ms} ms: {d:?}");
                 }
@@ -608,16 +630,21 @@ mod tests {
             scenario_kinds("crash", false).expect("crash"),
             [Kind::WorkerKill, Kind::CoordinatorKill]
         );
-        // `network` is proxy faults only: no process is killed or stopped, every disruption
-        // is a fault of the proxy's or the proxy down.
+        // `network` is proxy faults only: no process is killed or stopped, no operator acts,
+        // every disruption is a fault of the proxy's or the proxy down.
         let network = scenario_kinds("network", false).expect("network");
-        for k in [Kind::WorkerKill, Kind::WorkerStop, Kind::CoordinatorKill] {
+        for k in [
+            Kind::WorkerKill,
+            Kind::WorkerStop,
+            Kind::CoordinatorKill,
+            Kind::Drain,
+        ] {
             assert!(!network.contains(&k), "{k:?} in {network:?}");
         }
         for d in plan(&network, 1, 4, Duration::from_secs(4), 5, CORRUPT_RATE) {
             assert!(d.fault.is_some() || d.kind == Kind::ProxyDown, "{d:?}");
         }
-        assert_eq!(network.len(), Kind::ALL.len() - 4);
+        assert_eq!(network.len(), Kind::ALL.len() - 5);
         assert_eq!(
             scenario_kinds("reset, blackhole,reset", false).expect("list"),
             [Kind::Reset, Kind::Blackhole]

@@ -97,6 +97,34 @@ impl Handback {
     }
 }
 
+/// The attempts that started while a worker was drained (`drain`): between the drain's answer
+/// (`from`) and the undrain's request (`until`), on it and on the others.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Drained {
+    /// Started on the drained worker: none may. As `task#attempt`.
+    pub on_it: Vec<String>,
+    /// Started on the other workers: the drain was put to the test only if some did.
+    pub elsewhere: usize,
+}
+
+impl Drained {
+    pub fn of(tasks: &[TaskView], worker: &str, from: DateTime<Utc>, until: DateTime<Utc>) -> Self {
+        let mut d = Drained::default();
+        for t in tasks {
+            for (i, a) in t.attempts.iter().enumerate() {
+                if a.started_at <= from || a.started_at >= until {
+                    continue;
+                }
+                match a.worker == worker {
+                    true => d.on_it.push(format!("{}#{}", t.id, i + 1)),
+                    false => d.elsewhere += 1,
+                }
+            }
+        }
+        d
+    }
+}
+
 /// One recorded result (`GET /api/v1/tasks/{id}/result`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ResultView {
@@ -137,6 +165,8 @@ pub struct DisruptionView {
     pub handback: Option<Handback>,
     /// `worker_kill`: the task processes the killed worker ran, and which outlived it.
     pub outlived: Option<Outlived>,
+    /// `drain`: the attempts started while its worker was drained.
+    pub drained: Option<Drained>,
 }
 
 /// `worker_kill`: the processes of the killed worker's `command` tasks.
@@ -631,7 +661,7 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     checks.push(check(
         "every_disruption_detected",
         d.iter().filter(|x| x.detected.is_some()).count(),
-        "disruptions that end sessions or damage frames (slow links have nothing to detect)",
+        "disruptions that end sessions or damage frames (slow links and drains have nothing to detect)",
         named(|x| x.detected != Some(false), "was not detected"),
     ));
     checks.push(check(
@@ -660,7 +690,41 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     checks.push(check(
         "slow_links_ridden_through",
         ridden.len(),
-        "disruptions every session must live through (latency, bandwidth, slicer)",
+        "disruptions every session must live through (latency, bandwidth, slicer, drain)",
+        bad,
+    ));
+    // A drained worker takes no new task while others do (a wave goes in while it is
+    // drained); what it held runs on.
+    let drains: Vec<&DisruptionView> = d.iter().filter(|x| x.kind == Kind::Drain).collect();
+    let mut bad: Vec<String> = drains
+        .iter()
+        .filter_map(|x| {
+            let on_it = &x.drained.as_ref()?.on_it;
+            (!on_it.is_empty()).then(|| {
+                format!(
+                    "#{} drain: attempts {} started on the drained worker",
+                    x.index,
+                    on_it.join(", ")
+                )
+            })
+        })
+        .collect();
+    // Drains while nothing started anywhere would pass without showing anything.
+    let elsewhere: usize = drains
+        .iter()
+        .filter_map(|x| x.drained.as_ref())
+        .map(|d| d.elsewhere)
+        .sum();
+    if !drains.is_empty() && elsewhere == 0 {
+        bad.push(format!(
+            "no task started on another worker during the {} drains: nothing was put to the test",
+            drains.len()
+        ));
+    }
+    checks.push(check(
+        "drained_workers_took_nothing",
+        drains.len(),
+        &format!("drains ({elsewhere} attempts started on the other workers meanwhile)"),
         bad,
     ));
     // A worker stopped gracefully says `worker_stopped` once every result is acknowledged:
@@ -919,6 +983,7 @@ mod tests {
             sessions_lost: vec![],
             handback: None,
             outlived: None,
+            drained: None,
         }
     }
 
@@ -1093,7 +1158,7 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = judged(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 18);
+        assert_eq!(v.checks.len(), 19);
     }
 
     /// A task whose first attempt's lease was lost at 5 s: attempt 2 is leased at `second`
@@ -1239,7 +1304,7 @@ mod tests {
         let said = detail(&g, "every_kind_ran");
         assert!(!said.contains("left out"), "{said}");
         assert!(
-            said.starts_with("1 of 14 kinds fail: slow_close never ran"),
+            said.starts_with("1 of 15 kinds fail: slow_close never ran"),
             "{said}"
         );
         assert!(failing(&g).contains(&"every_kind_ran"));
@@ -1550,6 +1615,56 @@ mod tests {
             &idle,
             "stopped_workers_handed_back_their_leases",
             "none of the 1 worker stops hit a worker holding a lease",
+        );
+    }
+
+    /// A drained worker: an attempt that started on it between the drain's answer and the
+    /// undrain fails; one before or after, or on another worker, does not; drains while
+    /// nothing started elsewhere show nothing and fail.
+    #[test]
+    fn an_attempt_started_on_a_drained_worker_fails_and_drains_that_saw_nothing_start_fail() {
+        let t = |secs: i64| DateTime::<Utc>::from_timestamp(1_800_000_000 + secs, 0).expect("time");
+        let started = |worker: &str, at: i64| AttemptView {
+            worker: worker.into(),
+            started_at: t(at),
+            ended_at: Some(t(at + 1)),
+            end: Some("completed".into()),
+        };
+        let tasks = vec![
+            TaskView {
+                attempts: vec![started("w1", 4), started("w1", 6), started("w2", 7)],
+                ..task("a", "completed")
+            },
+            TaskView {
+                attempts: vec![started("w2", 6), started("w1", 20)],
+                ..task("b", "completed")
+            },
+        ];
+        let d = Drained::of(&tasks, "w1", t(5), t(20));
+        assert_eq!(d.on_it, ["a#2"], "{d:?}");
+        assert_eq!(d.elsewhere, 2, "{d:?}");
+        let drain = |drained: Drained| {
+            let mut g = healthy();
+            g.kinds = vec![Kind::Drain];
+            g.disruptions = vec![DisruptionView {
+                drained: Some(drained),
+                detected: None,
+                ..fired(4, Kind::Drain)
+            }];
+            g
+        };
+        fails_only_saying(
+            &drain(d),
+            "drained_workers_took_nothing",
+            "#4 drain: attempts a#2 started on the drained worker",
+        );
+        let kept = Drained::of(&tasks, "w1", t(6), t(20));
+        assert!(kept.on_it.is_empty(), "{kept:?}");
+        assert!(failing(&drain(kept)).is_empty());
+        fails_only_saying(
+            &drain(Drained::default()),
+            "drained_workers_took_nothing",
+            "no task started on another worker during the 1 drains",
         );
     }
 
