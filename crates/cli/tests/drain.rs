@@ -43,6 +43,19 @@ fn held_until(go: &std::path::Path) -> TaskSpec {
     )
 }
 
+/// Waits until worker `w` knows it is drained (`want`) or not, from its heartbeat replies;
+/// false if it did not within [`LONG`].
+async fn told(w: &TestWorker, want: bool) -> bool {
+    let end = tokio::time::Instant::now() + LONG;
+    while w.handle.drained() != want {
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
 /// The worker that ran `id`'s last attempt.
 async fn ran_on(client: &Client, id: &TaskId) -> String {
     let t = client.task(id).await;
@@ -78,6 +91,10 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
     assert_eq!(
         draining(&scrape(&format!("{base}/metrics")).await),
         Some(1.0)
+    );
+    assert!(
+        told(&w1, true).await,
+        "the worker is told by its heartbeat replies"
     );
     // A wait bounded below the task's run ends at its limit, saying what is held.
     let (code, out, err) = tether(&base, &["drain", "w1", "--wait=1s"]).await;
@@ -146,6 +163,9 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
     let after = client.submit(&[sleep_task(10, 1, 0)]).await.remove(0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(client.status(&after).await, "queued");
+    // The new session's heartbeat replies (a few in the half second) say it too: one that
+    // did not would have put the worker's word back to undrained.
+    assert!(w1.handle.drained(), "still told after the restart");
     let (code, out, err) = tether(&base, &["undrain", "w1"]).await;
     assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
     assert!(
@@ -154,6 +174,7 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
     );
     client.wait_status(&after, "completed").await;
     assert_eq!(ran_on(&client, &after).await, "w1");
+    assert!(told(&w1, false).await, "told it is undrained");
     assert_eq!(
         draining(&scrape(&format!("{base}/metrics")).await),
         Some(0.0)

@@ -428,7 +428,9 @@ impl Worker {
     /// What this worker lacks to run tasks of `kind` that require `requires` and name `tags`:
     /// the first the rule finds (the kind's executor, a capability, a tag with that value), or
     /// `None` when it can run them. The one rule: dispatch (`queue::Requirement::met_by`),
-    /// [`Self::can_run`] and `tether task`'s account of a waiting task apply it.
+    /// [`Self::can_run`] and `tether task`'s account of a waiting task apply it. Inlined:
+    /// dispatch asks it for every class of queued task against every free worker.
+    #[inline]
     pub fn lacks<'a>(
         &self,
         kind: &'a str,

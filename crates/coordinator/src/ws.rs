@@ -631,7 +631,7 @@ fn run(
                     let handled = match frame {
                         Data::Text(t) => {
                             pace.charge_bytes(t.len(), &app.cfg.limits);
-                            on_text(&app, &worker, session_id, t, &mut agreed, &known)
+                            on_text(&app, &worker, session_id, t, &mut agreed, &known, &seen)
                         }
                         Data::Binary(b) if agreed.zstd => match inflate(b, app.cfg.max_frame) {
                             Ok(t) => {
@@ -640,7 +640,7 @@ fn run(
                                 c.compressed_in_frames.fetch_add(1, Ordering::Relaxed);
                                 c.compressed_in_wire_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
                                 c.compressed_in_json_bytes.fetch_add(t.len() as u64, Ordering::Relaxed);
-                                on_text(&app, &worker, session_id, &t, &mut agreed, &known)
+                                on_text(&app, &worker, session_id, &t, &mut agreed, &known, &seen)
                             }
                             Err(InflateError::TooBig { .. }) => {
                                 app.counters.decompression_refused.fetch_add(1, Ordering::Relaxed);
@@ -1276,6 +1276,7 @@ fn on_text<'a>(
     text: &str,
     agreed: &mut Inbound,
     known: &KnownIds,
+    seen: &crate::core::Seen,
 ) -> Handled<'a> {
     let mut h = Handled::default();
     let mut fwd = Forward::new(app);
@@ -1285,7 +1286,8 @@ fn on_text<'a>(
         if let Some(id) = decoded.as_mut().ok().and_then(WorkerMsg::task_id_mut) {
             known.share(id);
         }
-        if let Some(reply) = on_message(app, worker, session_id, decoded, agreed, &mut frame) {
+        if let Some(reply) = on_message(app, worker, session_id, decoded, agreed, &mut frame, seen)
+        {
             h.replies.push(reply);
         }
         if let Some(ev) = frame.full() {
@@ -1416,6 +1418,7 @@ fn on_message(
     decoded: Result<WorkerMsg, DecodeError>,
     agreed: &mut Inbound,
     frame: &mut FrameEvents<'_>,
+    seen: &crate::core::Seen,
 ) -> Option<CoordMsg> {
     if let Ok(msg) = &decoded {
         m::MESSAGES_IN_BY_TYPE.increment(msg.type_name());
@@ -1423,6 +1426,7 @@ fn on_message(
     match decoded {
         Ok(WorkerMsg::Heartbeat(h)) => {
             let mut reply = HeartbeatReply::answering(h.sequence);
+            reply.draining = seen.drained();
             if let Some(beat) = agreed.retune(app) {
                 reply.heartbeat_interval_ms = Some(beat.interval.as_millis() as u64);
                 reply.heartbeat_timeout_ms = Some(beat.timeout.as_millis() as u64);

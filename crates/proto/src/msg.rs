@@ -884,6 +884,11 @@ pub struct HeartbeatReply {
     /// The silence after which the coordinator closes the session, with that interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_timeout_ms: Option<u64>,
+    /// The worker is drained by an operator (`tether drain`): the coordinator gives it no new
+    /// task until it is undrained; what it holds runs on. For the worker's log and metrics;
+    /// absent (false) when it is not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
     #[serde(with = "crate::time")]
     pub timestamp: DateTime<Utc>,
 }
@@ -896,6 +901,7 @@ impl HeartbeatReply {
             actions: Vec::new(),
             heartbeat_interval_ms: None,
             heartbeat_timeout_ms: None,
+            draining: false,
             timestamp: now(),
         }
     }

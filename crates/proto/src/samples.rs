@@ -206,6 +206,7 @@ pub fn coord_messages() -> Vec<CoordMsg> {
             actions: vec![HeartbeatAction::SyncState],
             heartbeat_interval_ms: Some(10_000),
             heartbeat_timeout_ms: Some(30_000),
+            draining: true,
             timestamp: ts,
         }),
         CoordMsg::TaskAssignment(TaskAssignment {

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -92,6 +92,9 @@ pub struct AgentShared {
     pub heartbeat_timeout_ms: AtomicU64,
     /// Current heartbeat interval, ms.
     pub heartbeat_interval_ms: AtomicU64,
+    /// Drained by an operator, as the coordinator's last heartbeat reply said (`draining`): it
+    /// gives this worker no new task until undrained.
+    pub drained: AtomicBool,
     /// The link's delivery rate to the coordinator, bytes a second, as last measured while
     /// the worker had more to send than went at once (`link::ShownRate`); 0 before such a
     /// measure.
@@ -256,6 +259,12 @@ impl AgentHandle {
                 return *rx.borrow();
             }
         }
+    }
+
+    /// Whether the coordinator said this worker is drained (its last heartbeat reply's
+    /// `draining`): no new task comes until an operator undrains it.
+    pub fn drained(&self) -> bool {
+        self.shared.drained.load(Ordering::Relaxed)
     }
 
     /// Connection statistics, with the current adaptive values.
@@ -752,6 +761,7 @@ impl Agent {
             heartbeats_answered: AtomicU64::new(0),
             heartbeat_timeout_ms: AtomicU64::new(cfg.heartbeat_timeout.as_millis() as u64),
             heartbeat_interval_ms: AtomicU64::new(cfg.heartbeat_interval.as_millis() as u64),
+            drained: AtomicBool::new(false),
             send_bytes_per_sec: AtomicU64::new(0),
             link_bytes_per_sec: AtomicU64::new(0),
             send_window_full: AtomicU64::new(0),

@@ -55,6 +55,8 @@ pub const SEND_RATE: &str = "tether_worker_send_bytes_per_second";
 pub const SEND_WINDOW_FULL: &str = "tether_worker_send_window_full_total";
 /// Gauge: connected time / total time.
 pub const STABILITY: &str = "tether_worker_connection_stability";
+/// Gauge: 1 while the coordinator says an operator drained this worker (no new task comes).
+pub const DRAINED: &str = "tether_worker_drained";
 
 // Messages.
 /// Counter: messages decoded from the coordinator, by `type`.
@@ -229,6 +231,10 @@ fn describe() {
         "bytes a second: the link's delivery rate to the coordinator, measured from acknowledgements (0 before a measure)"
     );
     describe_gauge!(STABILITY, "connected time / total time");
+    describe_gauge!(
+        DRAINED,
+        "1 while the coordinator says an operator drained this worker (no new task comes)"
+    );
     describe_counter!(MESSAGES_IN, "messages from the coordinator, by type");
     describe_counter!(MESSAGES_OUT, "messages to the coordinator, by type");
     describe_counter!(ERRORS, "error messages by code and direction");
@@ -317,6 +323,7 @@ pub fn render(agent: &AgentHandle) -> String {
     }
     let stats = agent.stats();
     metrics::gauge!(STABILITY).set(stats.stability);
+    metrics::gauge!(DRAINED).set(f64::from(u8::from(agent.drained())));
     metrics::gauge!(HEARTBEAT_TIMEOUT).set(stats.heartbeat_timeout_ms as f64 / 1e3);
     metrics::gauge!(SEND_RATE).set(stats.send_bytes_per_sec as f64);
     metrics::gauge!(OUTBOX_DEPTH).set(agent.outbox.len() as f64);

@@ -1795,6 +1795,22 @@ impl<'a> Session<'a> {
         self.acked(ack, acked.as_deref());
     }
 
+    /// The coordinator's word on whether an operator drained this worker (each heartbeat
+    /// reply's `draining`): said once at each change, at INFO, kept for the metrics.
+    fn drained(&self, drained: bool) {
+        if self.agent.shared.drained.swap(drained, Ordering::Relaxed) == drained {
+            return;
+        }
+        match drained {
+            true => {
+                tracing::info!(worker = %self.worker(), "drained by an operator (tether drain): the coordinator sends no new task until `tether undrain`; what this worker runs goes on");
+            }
+            false => {
+                tracing::info!(worker = %self.worker(), "undrained: the coordinator sends tasks again");
+            }
+        }
+    }
+
     /// A result acknowledged `stale`: kept by the coordinator, never counted. Said at WARN, as
     /// it is work done for nothing (the task runs again elsewhere, or here as a later attempt),
     /// and counted.
@@ -1903,6 +1919,7 @@ impl<'a> Session<'a> {
                 if let Some(ms) = h.heartbeat_interval_ms {
                     self.retune(ms, h.heartbeat_timeout_ms);
                 }
+                self.drained(h.draining);
                 self.on_rtt(h.response_to);
                 for action in h.actions {
                     match action {

@@ -441,6 +441,9 @@ impl Core {
             .workers
             .get_mut(id)
             .ok_or_else(|| ApiError::NotFound(format!("no worker {id}")))?;
+        if let Some(s) = &w.session {
+            s.seen.set_drained(drain);
+        }
         if w.draining != drain {
             w.draining = drain;
             match drain {

@@ -86,12 +86,14 @@ impl Outgoing {
     }
 }
 
-/// When a session last heard from its worker: the time, to the millisecond, of the last
-/// frame it took as the worker's (with integrity on, a frame that verified), heartbeats
-/// included, which the session answers itself and never shows the core. Written by the
-/// session, read for the API's `last_seen`.
+/// What a session and the core share besides messages. When the session last heard from its
+/// worker: the time, to the millisecond, of the last frame it took as the worker's (with
+/// integrity on, a frame that verified), heartbeats included, which the session answers
+/// itself and never shows the core; written by the session, read for the API's `last_seen`.
+/// And whether the worker is drained, which the session's heartbeat replies say (`draining`);
+/// written by the core at registration and at each drain and undrain.
 #[derive(Debug, Default)]
-pub struct Seen(std::sync::atomic::AtomicI64);
+pub struct Seen(std::sync::atomic::AtomicI64, std::sync::atomic::AtomicBool);
 
 impl Seen {
     /// A frame came now.
@@ -106,6 +108,16 @@ impl Seen {
             0 => None,
             ms => DateTime::from_timestamp_millis(ms),
         }
+    }
+
+    /// The worker is drained (or not) from now on.
+    pub fn set_drained(&self, drained: bool) {
+        self.1.store(drained, Ordering::Relaxed);
+    }
+
+    /// Whether the worker is drained, as the core last said.
+    pub fn drained(&self) -> bool {
+        self.1.load(Ordering::Relaxed)
     }
 }
 
@@ -843,6 +855,9 @@ impl Core {
             w.disconnected_mono = None;
             w
         });
+        // Kept through its reconnections and the coordinator's restarts: its heartbeat replies
+        // say so from the first.
+        session.seen.set_drained(w.draining);
         if let Some(old) = w.session.replace(session) {
             self.counters
                 .sessions_replaced

@@ -3159,15 +3159,26 @@ fn saved_draining(h: &Harness, id: &str) -> Option<bool> {
 /// An operator's drain takes a worker out of dispatch: what it holds runs on to its result,
 /// nothing new goes to it, through its reconnection and a new process of it; undrained, it is
 /// offered the queue at once. The record is saved at each change; the same command again
-/// changes nothing; an unknown worker is not found.
+/// changes nothing; an unknown worker is not found. The session is told each change (its
+/// heartbeat replies say `draining`), a new session from its start.
 #[test]
 fn a_drained_worker_finishes_what_it_holds_and_takes_nothing_new_until_undrained() {
+    let told = |h: &Harness| {
+        h.core.workers[&wid("a")]
+            .session
+            .as_ref()
+            .expect("a session")
+            .seen
+            .drained()
+    };
     let mut h = Harness::new();
     let (s, mut rx) = h.connect_registering("a", |r| r.slots = 2);
+    assert!(!told(&h));
     let held = h.submit();
     drain(&mut rx);
     let w = drain_command(&mut h, "a", true).expect("drained");
     assert!(w.draining);
+    assert!(told(&h), "the session's heartbeat replies say so");
     assert_eq!(w.leases.len(), 1, "what it holds stays");
     assert_eq!(saved_draining(&h, "a"), Some(true));
     assert!(matches!(
@@ -3194,6 +3205,7 @@ fn a_drained_worker_finishes_what_it_holds_and_takes_nothing_new_until_undrained
         r.boot_id = "b-new".into();
     });
     assert!(h.core.workers[&wid("a")].draining);
+    assert!(told(&h), "a new session is told from its start");
     assert_eq!(h.core.tasks[&waiting].status, TaskStatus::Queued);
     drain(&mut rx2);
     drain_command(&mut h, "a", true).expect("drained again");
@@ -3205,6 +3217,7 @@ fn a_drained_worker_finishes_what_it_holds_and_takes_nothing_new_until_undrained
     // Undrained: the queued task goes to it at once.
     let w = drain_command(&mut h, "a", false).expect("undrained");
     assert!(!w.draining);
+    assert!(!told(&h));
     assert_eq!(saved_draining(&h, "a"), Some(false));
     assert_eq!(h.core.tasks[&waiting].status, TaskStatus::Running);
     assert!(

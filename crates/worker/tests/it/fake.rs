@@ -134,6 +134,9 @@ pub enum Script {
     /// `task_result` is acknowledged `stale` (kept, not counted: the attempt lost its lease),
     /// the ack giving `reason` (as an older coordinator, none when `None`).
     StaleResults { reason: Option<&'static str> },
+    /// Like `Healthy`; on the first connection the first `beats` heartbeat replies say the
+    /// worker is drained (`draining`), the later ones not, as an operator's drain and undrain.
+    Drained { beats: u64 },
     /// Like `Healthy`, and on the first connection assigns a one-step `sleep` task; the first
     /// `task_result` is answered by an `error` `bad_frame` instead of its ack, as a coordinator
     /// does for a frame damaged on the wire (naming the result's `seq` when `named`: read far
@@ -506,6 +509,24 @@ async fn serve(io: tokio::io::DuplexStream, script: Script, seen: Seen) {
                     _ => ack,
                 };
                 received.lock().expect("lock").push((conn, seq));
+                if ws.send(send(reply)).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Script::Drained { beats } => {
+            let mut answered = 0;
+            while let Some(Ok(m)) = ws.next().await {
+                let reply = match (heartbeat_in(&m), ack_of(&m)) {
+                    (Some(seq), _) => {
+                        let mut reply = tether_proto::msg::HeartbeatReply::answering(seq);
+                        reply.draining = conn == 0 && answered < beats;
+                        answered += 1;
+                        CoordMsg::Heartbeat(reply)
+                    }
+                    (None, Some((_, ack))) => ack,
+                    (None, None) => continue,
+                };
                 if ws.send(send(reply)).await.is_err() {
                     break;
                 }

@@ -206,6 +206,27 @@ async fn a_result_acknowledged_stale_is_said_at_warn_naming_the_task_and_why_and
     }
 }
 
+/// The coordinator's heartbeat replies say whether an operator drained the worker: it keeps
+/// their word (`AgentHandle::drained`, the gauge's) and says each change once in its log.
+#[tokio::test(start_paused = true)]
+async fn a_drain_the_heartbeat_replies_say_is_kept_and_said_once_at_each_change() {
+    let log = Log::default();
+    let _log = log.capture();
+    let fake = FakeConnector::new(Script::Drained { beats: 5 });
+    let running = Running::start(&fake, config());
+    running.wait_state(|s| s == ConnState::Connected).await;
+    assert!(within(Duration::from_secs(30), || running.handle.drained()).await);
+    assert!(within(Duration::from_secs(30), || !running.handle.drained()).await);
+    let said = log.text();
+    assert_eq!(said.matches("drained by an operator").count(), 1, "{said}");
+    assert_eq!(
+        said.matches("undrained: the coordinator").count(),
+        1,
+        "{said}"
+    );
+    running.stop().await;
+}
+
 /// A result whose frame the coordinator dropped as damaged (`bad_frame`, no `seq` read) is
 /// sent again at once, in the same session, not after the ack deadline (a liveness timeout
 /// of waiting, then a new session).
