@@ -37,6 +37,7 @@ fn task(i: usize) -> Task {
         error: None,
         latest_checkpoint: None,
         attempts: vec![],
+        env_redacted: false,
         lease_started: None,
     }
 }

@@ -122,6 +122,11 @@ pub struct Task {
     pub latest_checkpoint: Option<Box<CheckpointMeta>>,
     #[serde(default)]
     pub attempts: Vec<AttemptRecord>,
+    /// The values of the spec's `env` were replaced by [`REDACTED`] in this copy, given to a
+    /// caller who may not see them ([`Self::without_env_values`]): its spec, submitted again,
+    /// would run with the placeholder. Only ever set on such copies, so never stored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub env_redacted: bool,
     /// Monotonic start of the current lease, for the timeout backstop (at coordinator start,
     /// the lease's `since` taken back from now).
     #[serde(skip)]
@@ -173,6 +178,7 @@ impl Task {
             submit_seq: seq,
             submitted_at: at,
             updated_at: at,
+            env_redacted: false,
             finished_at: None,
             outcome: None,
             error: None,
@@ -205,6 +211,7 @@ impl Task {
         let mut spec = (*self.spec).clone();
         spec.config = config.into();
         self.spec = Arc::new(spec);
+        self.env_redacted = true;
         self
     }
 
@@ -470,9 +477,9 @@ mod tests {
             .expect("json")
     }
 
-    /// Each value of `env` is replaced, its names and the rest of the config kept; a key
-    /// spelled with an escape is the same key; a config without an `env` object, or with an
-    /// empty one, is shown as submitted.
+    /// Each value of `env` is replaced, its names and the rest of the config kept, and the
+    /// copy marked (`env_redacted`); a key spelled with an escape is the same key; a config
+    /// without an `env` object, or with an empty one, is shown as submitted, unmarked.
     #[test]
     fn env_values_are_replaced_and_nothing_else() {
         assert_eq!(
@@ -494,6 +501,9 @@ mod tests {
             let before = Arc::clone(&task.spec);
             let after = task.without_env_values();
             assert!(Arc::ptr_eq(&before, &after.spec), "{kept}: not rebuilt");
+            assert!(!after.env_redacted, "{kept}: nothing hidden, not marked");
         }
+        let hidden = with_config(r#"{"shell": "s", "env": {"K": "v"}}"#).without_env_values();
+        assert!(hidden.env_redacted, "a copy with values hidden says so");
     }
 }

@@ -430,13 +430,9 @@ fn spec_to_retry(t: &Value) -> anyhow::Result<Value> {
     };
     fields.remove("task_id");
     // A read token sees env values replaced (and cannot submit): a spec that holds one would
-    // run with the placeholder for the value.
-    let redacted = fields
-        .get("config")
-        .and_then(|c| c.get("env"))
-        .and_then(Value::as_object)
-        .is_some_and(|env| env.values().any(|v| v == REDACTED));
-    if redacted {
+    // run with the placeholder for the value. The coordinator marks such a copy; a value that
+    // is the placeholder's text itself is a value like any other.
+    if t["env_redacted"] == true {
         bail!(
             "task {id}'s env values are hidden from this token (`{REDACTED}`): run it again with an admin token"
         );
@@ -1717,10 +1713,14 @@ mod tests {
         let running = json!({"task_id": "t-1", "status": "running", "spec": spec});
         let e = spec_to_retry(&running).expect_err("running").to_string();
         assert!(e.contains("task t-1 is running: only an ended task"), "{e}");
-        let hidden = json!({"task_id": "t-1", "status": "completed",
-            "spec": {"kind": "command", "config": {"shell": "x", "env": {"K": REDACTED}}}});
+        let spec = json!({"kind": "command", "config": {"shell": "x", "env": {"K": REDACTED}}});
+        let hidden = json!({"task_id": "t-1", "status": "completed", "spec": spec,
+            "env_redacted": true});
         let e = spec_to_retry(&hidden).expect_err("redacted").to_string();
         assert!(e.contains("hidden from this token"), "{e}");
+        // The placeholder's text given as a value, shown to an admin: run again as it is.
+        let given = json!({"task_id": "t-1", "status": "completed", "spec": spec});
+        assert_eq!(spec_to_retry(&given).expect("not redacted"), spec);
     }
 
     /// A queued task's `waiting` line: what the capable connected workers are doing, or what

@@ -380,6 +380,7 @@ impl Core {
                 error: None,
                 latest_checkpoint: None,
                 attempts: Vec::new(),
+                env_redacted: false,
                 lease_started: None,
             };
             self.queue

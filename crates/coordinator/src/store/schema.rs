@@ -521,6 +521,7 @@ impl LoadedTaskDoc {
             error: self.error,
             latest_checkpoint: self.latest_checkpoint.map(Box::new),
             attempts: self.attempts,
+            env_redacted: false,
             lease_started: None,
         }
     }

@@ -87,8 +87,10 @@ async fn a_read_token_sees_the_names_of_a_tasks_env_not_their_values() {
     let path = format!("/api/v1/tasks/{id}");
     let (s, task) = admin.get(&path).await;
     assert_eq!((s, env_of(&task)), (200, &given), "{task}");
+    assert!(task.get("env_redacted").is_none(), "{task}");
     let (s, task) = reader.get(&path).await;
     assert_eq!((s, env_of(&task)), (200, &redacted), "{task}");
+    assert_eq!(task["env_redacted"], true, "marked: {task}");
     assert_eq!(
         task["spec"]["config"]["shell"], "printf %s \"${#API_KEY}\"",
         "the rest of the config as given: {task}"
