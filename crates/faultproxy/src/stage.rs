@@ -537,7 +537,7 @@ impl Stages {
     }
 
     /// Records that `chunk` was held back by `fault` until its deadline (a slicer counts the
-    /// piece it lets go, as it does).
+    /// piece it lets go, as it does): its bytes, and a clean close held back.
     pub fn waited(&self, chunk: &Chunk, fault: FaultId) {
         if let Some(e) = self
             .active
@@ -546,6 +546,10 @@ impl Stages {
         {
             add(&e.counters.bytes_delayed, chunk.data.len());
             add(&self.proxy.faults.bytes_delayed, chunk.data.len());
+            if chunk.eof && !chunk.reset {
+                add(&e.counters.closes_delayed, 1);
+                add(&self.proxy.faults.closes_delayed, 1);
+            }
         }
     }
 }

@@ -178,6 +178,31 @@ fn a_peers_reset_waits_out_a_latency_but_no_blackhole_or_slow_close() {
     assert_eq!(out, [(Vec::new(), t0 + Duration::from_millis(100))]);
 }
 
+/// A slow close holds the clean close (FIN) for its delay, and counts it: it holds no byte.
+#[test]
+fn a_slow_close_holds_the_fin_for_its_delay_and_counts_it() {
+    let e = entry(1, FaultKind::SlowClose { delay_ms: 700 }, Direction::Both);
+    let mut s = stages_for(Stream::Upstream, None, 1);
+    let t0 = Instant::now();
+    s.rebuild(&[Arc::clone(&e)], t0);
+    let (out, held) = drive(&mut s, vec![data_chunk(vec![1; 3], t0), Chunk::eof(t0)], t0);
+    assert_eq!(held, 0);
+    assert_eq!(
+        out,
+        [
+            (vec![1; 3], t0),
+            (Vec::new(), t0 + Duration::from_millis(700))
+        ]
+    );
+    let st = stats(&e);
+    assert_eq!((st.closes_delayed, st.bytes_delayed), (1, 0), "{st:?}");
+    // A reset is not held, nor counted.
+    let mut s = stages_for(Stream::Upstream, None, 1);
+    s.rebuild(&[Arc::clone(&e)], t0);
+    drive(&mut s, vec![Chunk::reset(t0)], t0);
+    assert_eq!(stats(&e).closes_delayed, 1);
+}
+
 #[test]
 fn limit_data_passes_exactly_the_limit_then_asks_to_close() {
     let e = entry(1, FaultKind::LimitData { bytes: 7 }, Direction::Downstream);

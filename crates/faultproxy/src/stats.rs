@@ -24,6 +24,10 @@ pub struct FaultStats {
     pub connections_closed: u64,
     /// Links on which the toxicity draw made the fault apply.
     pub connections_affected: u64,
+    /// Clean closes (FINs) the fault held back before passing them on (`slow_close`: its
+    /// bytes are none, so `bytes_delayed` cannot show it fired).
+    #[serde(default)]
+    pub closes_delayed: u64,
 }
 
 /// What a proxy carried, plus the sum of every fault it ever had (a snapshot).
@@ -59,6 +63,7 @@ impl std::ops::Add for FaultStats {
             connections_reset: self.connections_reset + o.connections_reset,
             connections_closed: self.connections_closed + o.connections_closed,
             connections_affected: self.connections_affected + o.connections_affected,
+            closes_delayed: self.closes_delayed + o.closes_delayed,
         }
     }
 }
@@ -104,6 +109,7 @@ pub(crate) struct FaultCounters {
     pub connections_reset: AtomicU64,
     pub connections_closed: AtomicU64,
     pub connections_affected: AtomicU64,
+    pub closes_delayed: AtomicU64,
 }
 
 impl FaultCounters {
@@ -117,6 +123,7 @@ impl FaultCounters {
             connections_reset: get(&self.connections_reset),
             connections_closed: get(&self.connections_closed),
             connections_affected: get(&self.connections_affected),
+            closes_delayed: get(&self.closes_delayed),
         }
     }
 }
@@ -177,6 +184,7 @@ mod sum_tests {
             connections_reset: 5 * n,
             connections_closed: 6 * n,
             connections_affected: 7 * n,
+            closes_delayed: 8 * n,
         };
         assert_eq!([f(1), f(2), f(4)].into_iter().sum::<FaultStats>(), f(7));
         let p = |n: u64| ProxyStats {

@@ -56,6 +56,7 @@ fn fired(s: &FaultStats) -> bool {
         || s.bytes_corrupted > 0
         || s.connections_reset > 0
         || s.connections_closed > 0
+        || s.closes_delayed > 0
 }
 
 /// Whether taking the proxies down did what it says: every link that was open before is
@@ -573,9 +574,8 @@ impl System {
         let fleet_recovered = self.wait_whole().await;
         let frames = FrameCounters::rose(frames_before, frame_counters(self).await);
         let fired = match (&fault_stats, &shape_stats, &evidence) {
-            // A lease loss's blackhole dropped bytes, and the lease moved; a slow close's
-            // FINs were held (the proxy counts no bytes for them): its evidence alone.
-            (Some(_), _, Some((shown, _))) if d.kind == Kind::SlowClose => *shown,
+            // A lease loss's blackhole dropped bytes, and the lease moved; a slow close held a
+            // FIN (`closes_delayed`), and the old link outlived the process.
             (Some(s), _, Some((shown, _))) => fired(s) && *shown,
             (Some(s), _, _) => fired(s),
             // The kernel's filter held packets back or dropped them.

@@ -218,14 +218,15 @@ async fn fault(cmd: FaultCommand) -> anyhow::Result<()> {
                 let s = &f.stats;
                 out!(
                     "    passed {} delayed {} dropped {} corrupted {} bytes; \
-                     {} affected, {} reset, {} closed connections",
+                     {} affected, {} reset, {} closed connections; {} closes delayed",
                     s.bytes_passed,
                     s.bytes_delayed,
                     s.bytes_dropped,
                     s.bytes_corrupted,
                     s.connections_affected,
                     s.connections_reset,
-                    s.connections_closed
+                    s.connections_closed,
+                    s.closes_delayed
                 )?;
             }
             Ok(())
