@@ -428,6 +428,30 @@ fn check(name: &'static str, total: usize, what: &str, bad: Vec<String>) -> Chec
 
 const TERMINAL: [&str; 4] = ["completed", "failed", "cancelled", "timed_out"];
 
+/// The disruptions of `kind`, and an offence for each that has `attempts` (as `task#n`) that
+/// should have none: `#i kind: attempts a, b {what}`.
+fn attempts_named<'a>(
+    d: &'a [DisruptionView],
+    kind: Kind,
+    attempts: impl Fn(&DisruptionView) -> Option<&Vec<String>>,
+    what: &str,
+) -> (Vec<&'a DisruptionView>, Vec<String>) {
+    let of_kind: Vec<&DisruptionView> = d.iter().filter(|x| x.kind == kind).collect();
+    let bad = of_kind
+        .iter()
+        .filter_map(|x| {
+            let named = attempts(x).filter(|a| !a.is_empty())?;
+            Some(format!(
+                "#{} {}: attempts {} {what}",
+                x.index,
+                kind.as_str(),
+                named.join(", ")
+            ))
+        })
+        .collect();
+    (of_kind, bad)
+}
+
 pub fn verdict(g: &GroundTruth) -> Verdict {
     let mut listed: BTreeMap<&str, Vec<&TaskView>> = BTreeMap::new();
     for t in &g.tasks {
@@ -695,20 +719,12 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     ));
     // A drained worker takes no new task while others do (a wave goes in while it is
     // drained); what it held runs on.
-    let drains: Vec<&DisruptionView> = d.iter().filter(|x| x.kind == Kind::Drain).collect();
-    let mut bad: Vec<String> = drains
-        .iter()
-        .filter_map(|x| {
-            let on_it = &x.drained.as_ref()?.on_it;
-            (!on_it.is_empty()).then(|| {
-                format!(
-                    "#{} drain: attempts {} started on the drained worker",
-                    x.index,
-                    on_it.join(", ")
-                )
-            })
-        })
-        .collect();
+    let (drains, mut bad) = attempts_named(
+        d,
+        Kind::Drain,
+        |x| Some(&x.drained.as_ref()?.on_it),
+        "started on the drained worker",
+    );
     // Drains while nothing started anywhere would pass without showing anything.
     let elsewhere: usize = drains
         .iter()
@@ -729,20 +745,12 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     ));
     // A worker stopped gracefully says `worker_stopped` once every result is acknowledged:
     // the coordinator hands its leases on at once (`stopped`), not after the grace period.
-    let stops: Vec<&DisruptionView> = d.iter().filter(|x| x.kind == Kind::WorkerStop).collect();
-    let mut bad: Vec<String> = stops
-        .iter()
-        .filter_map(|x| {
-            let left = &x.handback.as_ref()?.left;
-            (!left.is_empty()).then(|| {
-                format!(
-                    "#{} worker_stop: attempts {} kept for the stopped worker, not handed on",
-                    x.index,
-                    left.join(", ")
-                )
-            })
-        })
-        .collect();
+    let (stops, mut bad) = attempts_named(
+        d,
+        Kind::WorkerStop,
+        |x| Some(&x.handback.as_ref()?.left),
+        "kept for the stopped worker, not handed on",
+    );
     // Stops of workers that held nothing would pass without showing anything.
     let held = |x: &&DisruptionView| {
         x.handback
