@@ -121,7 +121,21 @@ async fn run_to_end(a: E2eArgs) -> anyhow::Result<()> {
     if a.netns {
         netns::available().map_err(|e| anyhow::anyhow!("--netns is not possible here: {e}"))?;
     }
-    let kinds = plan::scenario_kinds(&a.scenario, a.netns)?;
+    let (kinds, left_out) = plan::for_fleet(
+        plan::scenario_kinds(&a.scenario, a.netns)?,
+        &a.scenario,
+        a.workers,
+    )?;
+    if !left_out.is_empty() {
+        eprintln!(
+            "with one worker, left out: {} (another worker must take their tasks)",
+            left_out
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let seed = a.seed.unwrap_or_else(rand::random);
     let rounds = plan::rounds(kinds.len(), a.duration, a.disruption_interval)?;
     let corrupt_rate = if a.message_mac {

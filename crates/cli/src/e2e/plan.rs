@@ -253,6 +253,40 @@ pub fn scenario_kinds(scenario: &str, netns: bool) -> anyhow::Result<Vec<Kind>> 
     Ok(kinds)
 }
 
+/// Kinds that another worker must answer: a `lease_loss` fires when one of the lost worker's
+/// tasks started elsewhere, a `drain` is put to the test by tasks starting elsewhere.
+pub const NEED_ANOTHER_WORKER: [Kind; 2] = [Kind::LeaseLoss, Kind::Drain];
+
+/// `kinds` of `scenario` for a fleet of `workers`: with one worker, the kinds that need
+/// another ([`NEED_ANOTHER_WORKER`]) are left out of a named scenario (`all`, `network`), and
+/// refused in a list that names them. The kinds kept, and those left out.
+pub fn for_fleet(
+    mut kinds: Vec<Kind>,
+    scenario: &str,
+    workers: usize,
+) -> anyhow::Result<(Vec<Kind>, Vec<Kind>)> {
+    if workers >= 2 {
+        return Ok((kinds, Vec::new()));
+    }
+    let (out, kept): (Vec<Kind>, Vec<Kind>) = kinds
+        .drain(..)
+        .partition(|k| NEED_ANOTHER_WORKER.contains(k));
+    let named = ["all", "network", "crash", "kernel"].contains(&scenario);
+    if !out.is_empty() && !named {
+        bail!(
+            "{} need(s) at least 2 workers (another must take the tasks): use --workers 2 or more",
+            out.iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if kept.is_empty() {
+        bail!("the scenario {scenario:?} has no disruption for a fleet of one worker");
+    }
+    Ok((kept, out))
+}
+
 /// One planned disruption.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Disruption {
@@ -498,6 +532,32 @@ mod humantime_ms {
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+
+    /// One worker cannot answer a lease loss or a drain: a named scenario leaves them out, a
+    /// list that names them is refused; two workers keep every kind.
+    #[test]
+    fn the_kinds_that_need_another_worker_are_left_out_or_refused_with_one() {
+        let all = scenario_kinds("all", false).expect("all");
+        let (kept, out) = for_fleet(all.clone(), "all", 1).expect("all, one worker");
+        assert_eq!(out, [Kind::LeaseLoss, Kind::Drain]);
+        assert_eq!(kept.len(), all.len() - 2);
+        assert!(!kept.iter().any(|k| NEED_ANOTHER_WORKER.contains(k)));
+        assert_eq!(for_fleet(all.clone(), "all", 2).expect("two").0, all);
+        let listed = scenario_kinds("reset,drain", false).expect("list");
+        let e = for_fleet(listed.clone(), "reset,drain", 1).expect_err("refused");
+        assert!(
+            e.to_string().contains("drain need(s) at least 2 workers"),
+            "{e}"
+        );
+        assert_eq!(
+            for_fleet(listed.clone(), "reset,drain", 3)
+                .expect("three")
+                .0,
+            listed
+        );
+        let alone = scenario_kinds("reset", false).expect("list");
+        assert_eq!(for_fleet(alone, "reset", 1).expect("one").0, [Kind::Reset]);
+    }
 
     /// The crawl's fastest pace is below what a worker's heartbeats alone put on its link at
     /// the run's heartbeat interval (the frame, its WebSocket, TCP/IP and Ethernet headers),
