@@ -225,6 +225,8 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
                 let e = o["evidence"].as_str().unwrap_or_default();
                 assert!(e.starts_with("its record said draining true"), "{o}");
                 assert_eq!(o["drained"]["on_it"], serde_json::json!([]), "{o}");
+                // Through the proxy, its heartbeat replies told the worker, as its log says.
+                assert_eq!(o["drained"]["told"], true, "{o}");
                 assert!(o["drained"]["elsewhere"].is_u64(), "{o}");
                 continue;
             }

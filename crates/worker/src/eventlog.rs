@@ -68,6 +68,9 @@ pub enum Event {
     Started { boot_id: String },
     /// A session registered (the coordinator answered the registration).
     Registered { generation: u64, session_id: u64 },
+    /// The coordinator said an operator drained this worker (its heartbeat replies'
+    /// `draining`), or undrained it: once at each change.
+    Drained { draining: bool },
     /// A registered session ended; `dead` when no frame came for the heartbeat timeout.
     SessionLost {
         generation: u64,

@@ -1801,6 +1801,8 @@ impl<'a> Session<'a> {
         if self.agent.shared.drained.swap(drained, Ordering::Relaxed) == drained {
             return;
         }
+        self.agent
+            .event(crate::eventlog::Event::Drained { draining: drained });
         match drained {
             true => {
                 tracing::info!(worker = %self.worker(), "drained by an operator (tether drain): the coordinator sends no new task until `tether undrain`; what this worker runs goes on");

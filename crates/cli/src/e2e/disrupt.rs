@@ -608,6 +608,7 @@ impl System {
             outlived,
             drained_between,
             drained: None,
+            drain_told: false,
             note,
         })
     }

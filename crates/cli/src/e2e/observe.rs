@@ -307,9 +307,12 @@ pub struct Observation {
     /// `drain`: from the drain's answer to the undrain's request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drained_between: Option<(DateTime<Utc>, DateTime<Utc>)>,
-    /// `drain`: the attempts started meanwhile ([`Observation::handback_from`]).
+    /// `drain`: the attempts started meanwhile ([`Observation::handback_from`]), and whether
+    /// the worker's event log says it was told, during the hold ([`Observation::analyse`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drained: Option<super::verdict::Drained>,
+    #[serde(skip)]
+    pub drain_told: bool,
     pub note: String,
 }
 
@@ -350,7 +353,10 @@ impl Observation {
                 ));
             }
             (Kind::Drain, Some(worker), Some((from, until))) => {
-                self.drained = Some(super::verdict::Drained::of(tasks, worker, from, until));
+                self.drained = Some(super::verdict::Drained {
+                    told: self.drain_told,
+                    ..super::verdict::Drained::of(tasks, worker, from, until)
+                });
             }
             _ => {}
         }
@@ -422,6 +428,16 @@ impl Observation {
             if let Some(recovery) = recovery {
                 self.recover_ms.insert(worker.clone(), recovery);
             }
+        }
+        // A drained worker hears of it from its heartbeat replies, within the hold.
+        if let (Kind::Drain, Some(t), Some((from, until))) =
+            (self.kind, &self.target, self.drained_between)
+        {
+            self.drain_told = logs.get(t).is_some_and(|events| {
+                events.iter().any(|r| {
+                    r.event == Event::Drained { draining: true } && r.at >= from && r.at <= until
+                })
+            });
         }
         // Each from evidence the run did not make itself: the workers' event logs, the
         // coordinator's view and counters. A disruption that affected no worker noticed
@@ -498,6 +514,7 @@ mod tests {
             outlived: None,
             drained_between: None,
             drained: None,
+            drain_told: false,
             note: String::new(),
         }
     }

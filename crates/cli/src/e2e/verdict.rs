@@ -105,6 +105,8 @@ pub struct Drained {
     pub on_it: Vec<String>,
     /// Started on the other workers: the drain was put to the test only if some did.
     pub elsewhere: usize,
+    /// The worker's event log says it was told it is drained (`drained`), during the hold.
+    pub told: bool,
 }
 
 impl Drained {
@@ -725,6 +727,15 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
         |x| Some(&x.drained.as_ref()?.on_it),
         "started on the drained worker",
     );
+    bad.extend(drains.iter().filter_map(|x| {
+        let told = x.drained.as_ref()?.told;
+        (!told).then(|| {
+            format!(
+                "#{} drain: the worker was not told (no `drained` record in its event log during the hold)",
+                x.index
+            )
+        })
+    }));
     // Drains while nothing started anywhere would pass without showing anything.
     let elsewhere: usize = drains
         .iter()
@@ -1628,7 +1639,7 @@ mod tests {
 
     /// A drained worker: an attempt that started on it between the drain's answer and the
     /// undrain fails; one before or after, or on another worker, does not; drains while
-    /// nothing started elsewhere show nothing and fail.
+    /// nothing started elsewhere show nothing and fail; so does a worker not told.
     #[test]
     fn an_attempt_started_on_a_drained_worker_fails_and_drains_that_saw_nothing_start_fail() {
         let t = |secs: i64| DateTime::<Utc>::from_timestamp(1_800_000_000 + secs, 0).expect("time");
@@ -1648,7 +1659,8 @@ mod tests {
                 ..task("b", "completed")
             },
         ];
-        let d = Drained::of(&tasks, "w1", t(5), t(20));
+        let told = |d: Drained| Drained { told: true, ..d };
+        let d = told(Drained::of(&tasks, "w1", t(5), t(20)));
         assert_eq!(d.on_it, ["a#2"], "{d:?}");
         assert_eq!(d.elsewhere, 2, "{d:?}");
         let drain = |drained: Drained| {
@@ -1666,13 +1678,22 @@ mod tests {
             "drained_workers_took_nothing",
             "#4 drain: attempts a#2 started on the drained worker",
         );
-        let kept = Drained::of(&tasks, "w1", t(6), t(20));
+        let kept = told(Drained::of(&tasks, "w1", t(6), t(20)));
         assert!(kept.on_it.is_empty(), "{kept:?}");
-        assert!(failing(&drain(kept)).is_empty());
+        assert!(failing(&drain(kept.clone())).is_empty());
         fails_only_saying(
-            &drain(Drained::default()),
+            &drain(told(Drained::default())),
             "drained_workers_took_nothing",
             "no task started on another worker during the 1 drains",
+        );
+        // A worker its heartbeat replies did not tell.
+        fails_only_saying(
+            &drain(Drained {
+                told: false,
+                ..kept
+            }),
+            "drained_workers_took_nothing",
+            "#4 drain: the worker was not told",
         );
     }
 
