@@ -135,6 +135,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ApiError::TooMany(_) => (StatusCode::UNPROCESSABLE_ENTITY, "too_many"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             // Nothing was done: a client may send it again (the CLI retries a 503).
             ApiError::ShuttingDown => {
@@ -440,7 +441,7 @@ impl IntoResponse for SubmitError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "bad_request")
             }
             // As the core answers a count over its limit.
-            SubmitError::TooMany { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            SubmitError::TooMany { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "too_many"),
         };
         error_response(status, code, &self.to_string())
     }

@@ -142,6 +142,8 @@ type HttpsClient = hyper_util::client::legacy::Client<
 pub(crate) struct Refused {
     pub(crate) status: u16,
     message: String,
+    /// The coordinator's `error.code`, when its answer had one.
+    code: Option<String>,
 }
 
 impl Refused {
@@ -160,6 +162,7 @@ impl Refused {
         Refused {
             status: status.as_u16(),
             message: message.to_owned(),
+            code: body["error"]["code"].as_str().map(str::to_owned),
         }
     }
 }
@@ -178,13 +181,12 @@ impl Refused {
     }
 
     /// Whether the coordinator refused a submission whole as more than it takes at once: too
-    /// large a body (HTTP 413), or more tasks than one request may carry (HTTP 422, "more than
-    /// N tasks in one request"): in fewer parts, the same tasks may be taken.
+    /// large a body (HTTP 413), or more tasks than one request may carry (HTTP 422
+    /// `too_many`): in fewer parts, the same tasks may be taken.
     pub(crate) fn too_many(&self) -> bool {
         self.too_large()
             || (self.status == http::StatusCode::UNPROCESSABLE_ENTITY.as_u16()
-                && self.message.starts_with("more than ")
-                && self.message.contains(" tasks in one request"))
+                && self.code.as_deref() == Some("too_many"))
     }
 
     /// This refusal, told how a client command gives a token when it refused the request's
@@ -737,7 +739,7 @@ mod tests {
         let words = |code: &str, message: &str| serde_json::json!({"error": {"code": code, "message": message}});
         let unprocessable = http::StatusCode::UNPROCESSABLE_ENTITY;
         let many = words(
-            "invalid",
+            "too_many",
             "more than 3 tasks in one request; at most 3 are accepted",
         );
         assert!(Refused::of(unprocessable, &many).too_many());

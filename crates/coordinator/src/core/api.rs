@@ -23,6 +23,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// More tasks in one submission than `max_submit_batch`: refused whole, the same tasks
+    /// may go in smaller parts.
+    #[error("{0}")]
+    TooMany(String),
     #[error("{0}")]
     Internal(String),
     /// The coordinator is stopping (or its core has gone): nothing was done, and the same
@@ -314,7 +318,7 @@ impl Core {
             return Err(ApiError::Invalid("no tasks given".into()));
         }
         if specs.len() > self.cfg.max_submit_batch {
-            return Err(ApiError::Invalid(format!(
+            return Err(ApiError::TooMany(format!(
                 "{} tasks in one request; at most {} are accepted",
                 specs.len(),
                 self.cfg.max_submit_batch
