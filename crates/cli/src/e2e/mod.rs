@@ -71,7 +71,8 @@ pub struct E2eArgs {
     /// `all`, `network` (proxy faults only), `crash` (the kills), `kernel` (with --netns),
     /// or a comma-separated list of: latency, bandwidth, blackhole, reset, limit_data,
     /// slicer, stall, corrupt, proxy_down, worker_kill, worker_stop, coordinator_kill,
-    /// lease_loss, slow_close, link_down, link_crawl.
+    /// lease_loss, slow_close, drain, link_down, link_crawl (lease_loss and drain need two
+    /// workers or more).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Where to write the report: a path prefix (`PREFIX.json`, `PREFIX.md`) or a directory
@@ -872,6 +873,25 @@ fn worker_figures(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--scenario`'s help names every kind there is, so that a kind added is not hidden.
+    #[test]
+    fn the_scenario_help_names_every_kind() {
+        let cmd = <E2eArgs as clap::Args>::augment_args(clap::Command::new("e2e"));
+        let help = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "scenario")
+            .and_then(|a| a.get_long_help().or(a.get_help()))
+            .expect("a help for --scenario")
+            .to_string();
+        for kind in Kind::every() {
+            assert!(
+                help.contains(kind.as_str()),
+                "{} missing: {help}",
+                kind.as_str()
+            );
+        }
+    }
 
     #[test]
     fn a_temporary_work_directory_is_kept_when_the_run_fails_and_removed_when_it_passes() {
