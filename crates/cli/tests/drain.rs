@@ -304,5 +304,17 @@ async fn retry_of_more_tasks_than_one_submission_takes_sends_them_in_parts() {
         Some(2 * old.len()),
         "each submitted again once: {all}"
     );
+    // With --json: one document, each new id beside the one it is a retry of.
+    args.push("--json");
+    let (code, out, err) = tether(&base, &args).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
+    let of: Vec<&str> = old.iter().map(TaskId::as_str).collect();
+    assert_eq!(v["retry_of"], serde_json::json!(of), "{v}");
+    assert_eq!(
+        v["task_ids"].as_array().map(Vec::len),
+        Some(old.len()),
+        "{v}"
+    );
     c.stop().await;
 }

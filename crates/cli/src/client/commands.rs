@@ -472,7 +472,9 @@ pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
     })
     .await;
     if a.common.json {
-        outln!("{}", json!({ "task_ids": ids }))?;
+        // Each new id beside the one it is a retry of, in the order given.
+        let of: Vec<&str> = a.ids.iter().take(ids.len()).map(|id| id.as_str()).collect();
+        outln!("{}", json!({ "task_ids": ids, "retry_of": of }))?;
     }
     if let Some(e) = failed {
         return Err(match ids.len() {
