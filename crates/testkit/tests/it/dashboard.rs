@@ -313,7 +313,19 @@ async fn with_tokens_the_dashboard_asks_for_one_and_its_controls_need_the_admin_
         .wait_eval("w1 undrained", badge, json!("connected"))
         .await;
     assert_eq!(draining().await, json!(null));
+    // Drained again and gone: its badge says both, as `tether workers` does.
+    browser.eval(&drain("drain")).await;
+    browser
+        .wait_eval("w1 drained again", badge, json!("drained"))
+        .await;
     w.stop().await.expect("stop");
+    browser
+        .wait_eval(
+            "w1 gone, still drained",
+            &format!("{badge}.endsWith(', drained') && !{badge}.startsWith('connected')"),
+            json!(true),
+        )
+        .await;
     c.stop().await;
 }
 

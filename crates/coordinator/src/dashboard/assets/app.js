@@ -254,9 +254,10 @@ function renderWorkers() {
 }
 
 // A connected worker's badge says why it takes no new task; drained by an operator, "draining"
-// while what it holds runs on and "drained" once it holds nothing (as `tether workers` says).
+// while what it holds runs on and "drained" once it holds nothing; one drained and not
+// connected says both (as `tether workers` says).
 function workerBadge(w) {
-  if (w.state !== "connected") return w.state;
+  if (w.state !== "connected") return w.draining ? `${w.state}, drained` : w.state;
   if (w.stopping) return "stopping";
   if (w.draining) return (w.leases || []).length ? "draining" : "drained";
   return w.resting ? "resting" : w.state;
