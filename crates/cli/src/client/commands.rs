@@ -695,13 +695,14 @@ fn why_waiting(spec: &Value, workers: &[Value]) -> Option<String> {
             *lacks.entry(missing.to_string()).or_default() += 1;
             continue;
         }
+        // Why a connected worker takes no new task is its STATE column's word.
         let held = w["leases"].as_array().map_or(0, Vec::len) as u64;
-        let why = match () {
-            () if w["stopping"] == true => "stopping",
-            () if w["draining"] == true => "drained (tether undrain)",
-            () if w["resting"].is_object() => "resting after a fault of its own",
-            () if held >= w["slots"].as_u64().unwrap_or(0) => "busy (every slot taken)",
-            () => "with a free slot (it takes the task at once, unless tasks ahead take it)",
+        let why = match worker_state(w).as_str() {
+            "stopping" => "stopping",
+            "draining" | "drained" => "drained (tether undrain)",
+            "resting" => "resting after a fault of its own",
+            _ if held >= w["slots"].as_u64().unwrap_or(0) => "busy (every slot taken)",
+            _ => "with a free slot (it takes the task at once, unless tasks ahead take it)",
         };
         *able.entry(why).or_default() += 1;
     }
