@@ -44,16 +44,12 @@ fn held_until(go: &std::path::Path) -> TaskSpec {
 }
 
 /// Waits until worker `w` knows it is drained (`want`) or not, from its heartbeat replies;
-/// false if it did not within [`LONG`].
-async fn told(w: &TestWorker, want: bool) -> bool {
-    let end = tokio::time::Instant::now() + LONG;
-    while w.handle.drained() != want {
-        if tokio::time::Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
+/// fails the test, saying `what`, if it did not within [`LONG`].
+async fn told(w: &TestWorker, want: bool, what: &str) {
+    wait_for(what, LONG, || async {
+        (w.handle.drained() == want).then_some(())
+    })
+    .await;
 }
 
 /// The worker that ran `id`'s last attempt.
@@ -92,10 +88,7 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
         draining(&scrape(&format!("{base}/metrics")).await),
         Some(1.0)
     );
-    assert!(
-        told(&w1, true).await,
-        "the worker is told by its heartbeat replies"
-    );
+    told(&w1, true, "the worker is told by its heartbeat replies").await;
     // A wait bounded below the task's run ends at its limit, saying what is held.
     let (code, out, err) = tether(&base, &["drain", "w1", "--wait=1s"]).await;
     assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
@@ -174,7 +167,7 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
     );
     client.wait_status(&after, "completed").await;
     assert_eq!(ran_on(&client, &after).await, "w1");
-    assert!(told(&w1, false).await, "told it is undrained");
+    told(&w1, false, "told it is undrained").await;
     assert_eq!(
         draining(&scrape(&format!("{base}/metrics")).await),
         Some(0.0)

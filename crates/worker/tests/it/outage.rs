@@ -215,8 +215,9 @@ async fn a_drain_the_heartbeat_replies_say_is_kept_and_said_once_at_each_change(
     let fake = FakeConnector::new(Script::Drained { beats: 5 });
     let running = Running::start(&fake, config());
     running.wait_state(|s| s == ConnState::Connected).await;
-    assert!(within(Duration::from_secs(30), || running.handle.drained()).await);
-    assert!(within(Duration::from_secs(30), || !running.handle.drained()).await);
+    let drained = || running.handle.drained();
+    crate::fake::until("told drained", Duration::from_secs(30), drained).await;
+    crate::fake::until("told undrained", Duration::from_secs(30), || !drained()).await;
     let said = log.text();
     assert_eq!(said.matches("drained by an operator").count(), 1, "{said}");
     assert_eq!(
