@@ -608,7 +608,6 @@ impl System {
             outlived,
             drained_between,
             drained: None,
-            drain_told: false,
             note,
         })
     }

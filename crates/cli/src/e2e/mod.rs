@@ -359,7 +359,7 @@ fn judge(
     let ends = observe::window_ends(&times, extra.over_at);
     for (o, end) in observations.iter_mut().zip(ends) {
         o.analyse(logs, &samples, end);
-        o.handback_from(&truth.tasks);
+        o.settle_from(&truth.tasks, logs);
     }
     truth.acks = acks(logs);
     truth.event_logs = sys

@@ -298,7 +298,7 @@ pub struct Observation {
     pub recovered: bool,
     /// Recovery of the whole fleet was seen before the next disruption.
     pub fleet_recovered: bool,
-    /// `worker_stop`: what became of the leases the stopped worker held ([`Observation::handback_from`]).
+    /// `worker_stop`: what became of the leases the stopped worker held ([`Observation::settle_from`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handback: Option<super::verdict::Handback>,
     /// `worker_kill`: the killed worker's task processes, and those that outlived it.
@@ -307,12 +307,10 @@ pub struct Observation {
     /// `drain`: from the drain's answer to the undrain's request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drained_between: Option<(DateTime<Utc>, DateTime<Utc>)>,
-    /// `drain`: the attempts started meanwhile ([`Observation::handback_from`]), and whether
-    /// the worker's event log says it was told, during the hold ([`Observation::analyse`]).
+    /// `drain`: the attempts started meanwhile, and whether the worker's event log says it
+    /// was told ([`Observation::settle_from`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drained: Option<super::verdict::Drained>,
-    #[serde(skip)]
-    pub drain_told: bool,
     pub note: String,
 }
 
@@ -341,8 +339,13 @@ impl Observation {
 
     /// From the tasks' attempts as the coordinator lists them at the end: `worker_stop`, what
     /// became of the leases the stopped worker held when it was told to stop; `drain`, the
-    /// attempts started while its worker was drained.
-    pub fn handback_from(&mut self, tasks: &[super::verdict::TaskView]) {
+    /// attempts started while its worker was drained, and whether its event log (in `logs`)
+    /// says its heartbeat replies told it, within the hold.
+    pub fn settle_from(
+        &mut self,
+        tasks: &[super::verdict::TaskView],
+        logs: &BTreeMap<String, Vec<Record>>,
+    ) {
         match (self.kind, &self.target, self.drained_between) {
             (Kind::WorkerStop, Some(worker), _) => {
                 self.handback = Some(super::verdict::Handback::of(
@@ -353,8 +356,15 @@ impl Observation {
                 ));
             }
             (Kind::Drain, Some(worker), Some((from, until))) => {
+                let told = logs.get(worker).is_some_and(|events| {
+                    events.iter().any(|r| {
+                        r.event == Event::Drained { draining: true }
+                            && r.at >= from
+                            && r.at <= until
+                    })
+                });
                 self.drained = Some(super::verdict::Drained {
-                    told: self.drain_told,
+                    told,
                     ..super::verdict::Drained::of(tasks, worker, from, until)
                 });
             }
@@ -428,16 +438,6 @@ impl Observation {
             if let Some(recovery) = recovery {
                 self.recover_ms.insert(worker.clone(), recovery);
             }
-        }
-        // A drained worker hears of it from its heartbeat replies, within the hold.
-        if let (Kind::Drain, Some(t), Some((from, until))) =
-            (self.kind, &self.target, self.drained_between)
-        {
-            self.drain_told = logs.get(t).is_some_and(|events| {
-                events.iter().any(|r| {
-                    r.event == Event::Drained { draining: true } && r.at >= from && r.at <= until
-                })
-            });
         }
         // Each from evidence the run did not make itself: the workers' event logs, the
         // coordinator's view and counters. A disruption that affected no worker noticed
@@ -514,7 +514,6 @@ mod tests {
             outlived: None,
             drained_between: None,
             drained: None,
-            drain_told: false,
             note: String::new(),
         }
     }

@@ -151,9 +151,10 @@ impl Kind {
     }
 
     /// Whether every session must live through it: a drain (no network fault at all), and the
-    /// slow links that slow a link without ever leaving it silent for long. Latency of at most 450 ms each way is well inside the
-    /// worker's 1.5 s liveness timeout (which grows with the measured round trip); the slicer
-    /// passes tens of kilobytes a second and a bandwidth fault 2 to 8 KB/s, well above what
+    /// slow links that slow a link without ever leaving it silent for long. Latency of at
+    /// most 450 ms each way is well inside the worker's 1.5 s liveness timeout (which grows
+    /// with the measured round trip); the slicer passes tens of kilobytes a second and a
+    /// bandwidth fault 2 to 8 KB/s, well above what
     /// heartbeats and small task messages need, and far below the counter task's checkpoints
     /// (600 KB of noise, a piece of it taking longer than the timeout): their sessions live
     /// because a frame still arriving counts as life on both sides (docs/PROTOCOL.md section
