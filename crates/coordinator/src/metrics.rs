@@ -296,8 +296,6 @@ pub const RESULT_DISPOSITIONS: &[&str] = &[
 ];
 /// `direction`s of [`ERRORS`].
 pub const ERROR_DIRECTIONS: &[&str] = &["sent", "received"];
-/// `code`s of [`ERRORS`]: every [`ErrorCode`](tether_proto::msg::ErrorCode).
-pub const ERROR_CODES: &[tether_proto::msg::ErrorCode] = &tether_proto::msg::ErrorCode::ALL;
 
 /// Makes every counter and histogram family exist before its first event, counters at 0 for
 /// each label value known up front (reasons, codes, statuses, dispositions), histograms empty:
@@ -339,7 +337,8 @@ fn register() {
     for &d in RESULT_DISPOSITIONS {
         metrics::counter!(RESULTS, "disposition" => d).increment(0);
     }
-    for code in ERROR_CODES {
+    // `code`s of ERRORS: every error code.
+    for code in tether_proto::msg::ErrorCode::ALL {
         for &direction in ERROR_DIRECTIONS {
             metrics::counter!(ERRORS, "code" => code.as_str(), "direction" => direction)
                 .increment(0);

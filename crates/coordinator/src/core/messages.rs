@@ -903,22 +903,25 @@ impl Core {
             .iter()
             .find(|a| a.attempt == attempt)
             .and_then(|a| a.end.as_deref());
+        let other;
         let why = match end {
-            Some("cancelled") => "the task was cancelled".to_owned(),
-            Some("timed_out") => {
-                "the task ran past its timeout and the coordinator ended it".to_owned()
+            Some("cancelled") => "the task was cancelled",
+            Some("timed_out") => "the task ran past its timeout and the coordinator ended it",
+            Some(super::tasks::LOST) => {
+                "the attempt's lease was lost with its worker (away past its grace, --lost-after, or its process replaced)"
             }
-            Some(super::tasks::LOST) => "the attempt's lease was lost with its worker (away past its grace, --lost-after, or its process replaced)".to_owned(),
-            Some("stopped") => "the worker stopped and handed the attempt back".to_owned(),
+            Some("stopped") => "the worker stopped and handed the attempt back",
             Some("worker_fault") => {
                 "the attempt failed for a fault of the worker's own and the task was queued again"
-                    .to_owned()
             }
             Some(super::tasks::SUPERSEDED) => {
-                "a late result of an earlier attempt was counted instead".to_owned()
+                "a late result of an earlier attempt was counted instead"
             }
-            Some(other) => format!("the attempt ended {other}"),
-            None => "the attempt no longer holds the task's lease".to_owned(),
+            Some(ended) => {
+                other = format!("the attempt ended {ended}");
+                &other
+            }
+            None => "the attempt no longer holds the task's lease",
         };
         let now = match &t.lease {
             Some(l) => format!("it runs as attempt {} on worker {}", l.attempt, l.worker),

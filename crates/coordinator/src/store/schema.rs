@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use tether_proto::task::ConnStats;
+pub(super) use tether_proto::whole_file::sibling;
 use tether_proto::{Attempt, Outcome, TaskId, TaskSpec, TaskStatus, WorkerId};
 
 use super::StoreError;
@@ -278,8 +279,6 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
         Failed::Fill(e) => e,
     })
 }
-
-pub(super) use tether_proto::whole_file::sibling;
 
 /// Opens the database at `path` (passed by [`check`]) for writing, switches to WAL and applies
 /// pending migrations up to version `through`.
