@@ -254,12 +254,13 @@ fn thundering_herd_reconnects_every_worker_after_a_proxy_cut_and_loses_nothing()
 
 #[test]
 fn steady_load_keeps_tasks_flowing_while_workers_leave_and_join() {
+    // Three churn ticks: drained, crashed, shut down.
     let r = stress(&[
         "steady_load",
         "--workers",
         "10",
         "--duration",
-        "2s",
+        "4s",
         "--churn",
         "0.2",
         "--durability",
@@ -285,6 +286,21 @@ fn steady_load_keeps_tasks_flowing_while_workers_leave_and_join() {
             .is_some_and(|s| s.starts_with("machine")),
         "{r}"
     );
+    // The first tick drained two workers under the load; the store holds no attempt leased
+    // to them after it, and each ran what it held to its end.
+    assert!(r["drained_workers"].as_u64() >= Some(2), "{r}");
+    assert!(r["drain_to_idle_ms"]["count"].as_u64() >= Some(2), "{r}");
+    for name in [
+        "drained workers took no task",
+        "drained workers ran what they held to its end",
+    ] {
+        let v = r["verdicts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == name);
+        assert!(v.is_some_and(|v| v["pass"] == true), "{name}: {r}");
+    }
 }
 
 #[test]

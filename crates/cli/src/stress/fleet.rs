@@ -44,6 +44,14 @@ const ABORTED_WITHIN: Duration = Duration::from_secs(5);
 /// process should not hold 128 KiB each.
 const FLEET_READ_BUFFER: usize = 8 * 1024;
 
+/// The fleet's worker ids' prefix unless `--prefix` says otherwise.
+pub const PREFIX: &str = "sim";
+
+/// The id of the `i`-th worker a fleet started (from 0), over all its starts.
+pub fn worker_name(prefix: &str, i: u64) -> String {
+    format!("{prefix}-{i}")
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct FleetArgs {
     /// Coordinator base URL; repeat it to spread the workers over several (worker i takes the
@@ -51,7 +59,7 @@ pub struct FleetArgs {
     #[arg(long, required = true)]
     pub coordinator: Vec<String>,
     /// Prefix of the worker ids.
-    #[arg(long, default_value = "sim")]
+    #[arg(long, default_value = PREFIX)]
     pub prefix: String,
     /// Slots per worker.
     #[arg(long, default_value_t = 1)]
@@ -108,10 +116,10 @@ pub struct FleetArgs {
 pub enum Command {
     /// Start `count` new workers now.
     Start { count: u32 },
-    /// Stop the `count` oldest live workers: gracefully, or by dropping them (a crash).
-    Stop { count: u32, abrupt: bool },
-    /// Crash (drop) the live workers of these ids: those whose tasks a crash must interrupt.
-    Crash { ids: Vec<String> },
+    /// Stop the live workers of these ids: gracefully, or by dropping them (a crash). The
+    /// orchestrator names them ([`worker_name`] gives the id of the i-th started): whose tasks
+    /// a crash must interrupt, the drained ones once they hold nothing.
+    Stop { ids: Vec<String>, abrupt: bool },
     /// Print a [`Event::Report`].
     Report,
     /// Stop every worker and exit.
@@ -378,27 +386,20 @@ pub async fn run(a: FleetArgs) -> anyhow::Result<()> {
                     Command::Start { count } => {
                         start(&a, &shared, &shards, &mut members, &mut set, count)?
                     }
-                    Command::Stop { count, abrupt } => {
-                        let at = now_us();
-                        for m in members.iter_mut().filter(|m| m.live).take(count as usize) {
-                            m.live = false;
-                            m.record.lock().unwrap_or_else(|p| p.into_inner()).stopped_us = at;
-                            if abrupt {
-                                m.abort.abort();
-                            } else {
-                                m.stop.cancel();
-                            }
-                        }
-                    }
-                    Command::Crash { ids } => {
+                    Command::Stop { ids, abrupt } => {
                         let at = now_us();
                         let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
                         for m in members.iter_mut().filter(|m| m.live) {
                             let mut record = m.record.lock().unwrap_or_else(|p| p.into_inner());
-                            if ids.contains(record.id.as_str()) {
-                                record.stopped_us = at;
-                                m.live = false;
+                            if !ids.contains(record.id.as_str()) {
+                                continue;
+                            }
+                            record.stopped_us = at;
+                            m.live = false;
+                            if abrupt {
                                 m.abort.abort();
+                            } else {
+                                m.stop.cancel();
                             }
                         }
                     }
@@ -524,7 +525,7 @@ fn start(
     let mut ready = Vec::with_capacity(count as usize);
     for k in 0..u64::from(count) {
         let i = members.len() as u64 + k;
-        let id = format!("{}-{i}", a.prefix);
+        let id = worker_name(&a.prefix, i);
         let worker_id = WorkerId::parse(&id).with_context(|| format!("worker id {id}"))?;
         let coordinator = (i % a.coordinator.len() as u64) as usize;
         let url = &a.coordinator[coordinator];

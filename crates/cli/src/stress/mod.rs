@@ -164,7 +164,8 @@ pub struct StressArgs {
     /// thundering_herd: idle window over which CPU and memory per worker are measured.
     #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
     pub idle: Duration,
-    /// steady_load: fraction of the workers replaced every second (half of them crash).
+    /// steady_load: fraction of the workers replaced every second (each second in turn they
+    /// are drained then stopped once idle, crash, or shut down).
     #[arg(long, default_value_t = 0.05)]
     pub churn: f64,
     /// message_flood: latency probes, at least 1: the message latency is their round trips,

@@ -4,6 +4,7 @@
 //! says about their CPU and memory while they run, and what the kernel counted of their whole
 //! lives once they exited.
 
+use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command as Proc};
 use tokio::sync::{mpsc, watch};
 
-use super::fleet::{Command, Event, FleetReport, Status};
+use super::fleet::{Command, Event, FleetReport, PREFIX, Status, worker_name};
 
 /// How long a fault proxy's control API has to answer a call.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -439,6 +440,8 @@ const STOP_WITHIN: Duration = Duration::from_secs(30);
 
 /// The fleet as a child process, driven over its stdin and stdout.
 pub struct Fleet {
+    /// Its live workers, as the commands sent made them.
+    pub roster: Roster,
     child: Child,
     stdin: ChildStdin,
     pub status: watch::Receiver<Status>,
@@ -446,6 +449,50 @@ pub struct Fleet {
     /// The fleet's last status, sent once every worker stopped.
     exited: tokio::sync::oneshot::Receiver<Status>,
     reader: tokio::task::JoinHandle<()>,
+}
+
+/// The ids of a fleet's live workers, oldest first, as the orchestrator's commands made them:
+/// the fleet names the i-th worker it started [`worker_name`]`(`[`PREFIX`]`, i)`, and stops
+/// only those a command names. So the orchestrator picks whom to stop without asking the
+/// fleet for its 10,000 workers' records.
+#[derive(Debug, Default)]
+pub struct Roster {
+    started: u64,
+    live: VecDeque<String>,
+}
+
+impl Roster {
+    /// Takes in a command sent to the fleet.
+    fn sent(&mut self, cmd: &Command) {
+        match cmd {
+            Command::Start { count } => {
+                let next = self.started + u64::from(*count);
+                self.live
+                    .extend((self.started..next).map(|i| worker_name(PREFIX, i)));
+                self.started = next;
+            }
+            Command::Stop { ids, .. } => {
+                let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
+                self.live.retain(|id| !ids.contains(id.as_str()));
+            }
+            Command::Report | Command::Exit => {}
+        }
+    }
+
+    /// The live workers, oldest first.
+    pub fn live(&self) -> impl Iterator<Item = &String> {
+        self.live.iter()
+    }
+
+    /// The `k` oldest live workers not in `except`.
+    pub fn oldest(&self, k: usize, except: &HashSet<String>) -> Vec<String> {
+        self.live
+            .iter()
+            .filter(|id| !except.contains(*id))
+            .take(k)
+            .cloned()
+            .collect()
+    }
 }
 
 /// What [`Fleet::exit`] gives: the fleet's last status. What the coordinator counts of the
@@ -529,6 +576,7 @@ impl Fleet {
             }
         });
         Ok(Self {
+            roster: Roster::default(),
             child,
             stdin,
             status,
@@ -546,6 +594,7 @@ impl Fleet {
             .await
             .context("the fleet process is gone")?;
         self.stdin.flush().await?;
+        self.roster.sent(cmd);
         Ok(())
     }
 
@@ -809,6 +858,27 @@ pub const PROXY_STOP_WITHIN: Duration = Duration::from_secs(10);
 mod tests {
     use super::*;
     use crate::stress::fleet::Event;
+
+    /// The roster names the workers as the fleet does, in the order it starts them, and
+    /// forgets only those a stop named, whichever they were: the orchestrator stops the
+    /// drained ones by name after others left.
+    #[test]
+    fn the_roster_follows_the_fleets_starts_and_the_stops_that_name_workers() {
+        let mut r = Roster::default();
+        r.sent(&Command::Start { count: 3 });
+        assert_eq!(r.oldest(2, &HashSet::new()), ["sim-0", "sim-1"]);
+        let drained: HashSet<String> = ["sim-0".to_owned()].into();
+        assert_eq!(r.oldest(2, &drained), ["sim-1", "sim-2"]);
+        r.sent(&Command::Stop {
+            ids: vec!["sim-1".into(), "sim-9".into()],
+            abrupt: true,
+        });
+        r.sent(&Command::Start { count: 2 });
+        r.sent(&Command::Report);
+        let live: Vec<&String> = r.live().collect();
+        assert_eq!(live, ["sim-0", "sim-2", "sim-3", "sim-4"]);
+        assert_eq!(r.oldest(9, &drained), ["sim-2", "sim-3", "sim-4"]);
+    }
 
     /// A fleet process played by a shell script: it prints `status`, reads the exit command,
     /// then prints what `on_exit` holds (lines of JSON) and ends.

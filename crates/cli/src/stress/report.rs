@@ -137,6 +137,12 @@ pub struct Report {
     /// steady_load: workers replaced during the run by the coordinator's count (the fewer of
     /// the workers known and no longer connected, and those registered after the first).
     pub workers_replaced: Option<u64>,
+    /// steady_load: workers drained through the API under the load (each then stopped once it
+    /// held no task).
+    pub drained_workers: Option<u64>,
+    /// steady_load: from each drain's answer until the run saw the worker hold no task (its
+    /// reads of the worker are [`super::scenarios::DRAIN_POLL`] apart).
+    pub drain_to_idle_ms: Option<Dist>,
     /// CPU of the simulated workers' process (it shares the machine with the coordinator), to
     /// its exit (the kernel's count once it exited: its workers' stopping included).
     pub fleet_cpu_s: f64,
@@ -366,6 +372,12 @@ impl Report {
                 "workers replaced (left and joined), coordinator's count",
                 v.to_string(),
             );
+        }
+        if let Some(v) = self.drained_workers {
+            row("workers drained under the load", v.to_string());
+        }
+        if let Some(d) = &self.drain_to_idle_ms {
+            row("from a drain until its worker held no task, ms", dist(d));
         }
         if let Some(v) = self.checkpoints {
             row("checkpoints written", v.to_string());

@@ -69,6 +69,46 @@ struct Run {
     /// mixed_priority: the ids of the tasks it submitted at priority 0; judged on the store in
     /// `finish`.
     high_priority: HashSet<String>,
+    /// steady_load: the workers it drained under the load; judged on the store in `finish`.
+    drains: Vec<Drained>,
+}
+
+/// A worker steady_load drained: when the coordinator's answer came, what the worker held
+/// then, and how long until the run saw it hold nothing (`None`: not within
+/// [`Run::drained_idle_within`], or not yet).
+#[derive(Debug, Clone)]
+struct Drained {
+    worker: String,
+    at: chrono::DateTime<chrono::Utc>,
+    since: Instant,
+    held: u64,
+    idle_after: Option<Duration>,
+}
+
+/// How often steady_load reads the workers it drained, until each holds no task: the
+/// resolution of its drain-to-idle figure.
+pub(super) const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// How steady_load's workers leave, a way each churn tick in turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    /// Drained through the API, then stopped gracefully once they hold no task: a rolling
+    /// upgrade's way.
+    Drained,
+    /// Dropped: their tasks die with them.
+    Crash,
+    /// Stopped gracefully at once: they hand back what they hold.
+    Shutdown,
+}
+
+impl Leaving {
+    fn next(self) -> Self {
+        match self {
+            Leaving::Drained => Leaving::Crash,
+            Leaving::Crash => Leaving::Shutdown,
+            Leaving::Shutdown => Leaving::Drained,
+        }
+    }
 }
 
 /// A scenario's measured span: from just before the submission until the last result the
@@ -610,7 +650,74 @@ impl Run {
             crash: None,
             span: None,
             high_priority: HashSet::new(),
+            drains: Vec::new(),
         })
+    }
+
+    /// Drains `ids` through the API, each recorded with the moment its answer came.
+    async fn drain(&mut self, ids: Vec<String>) -> anyhow::Result<()> {
+        for id in ids {
+            let w = self
+                .api
+                .post(&format!("/api/v1/workers/{id}/drain"), &json!({}))
+                .await
+                .with_context(|| format!("draining worker {id}"))?;
+            self.drains.push(Drained {
+                worker: id,
+                at: chrono::Utc::now(),
+                since: Instant::now(),
+                held: w["leases"].as_array().map_or(0, |l| l.len() as u64),
+                idle_after: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// How long a drained worker has to hold no task (its noop tasks end within
+    /// milliseconds): 10 s, and a reconnect's time when connections are reset on purpose (a
+    /// worker away keeps its leases until it is back to report them).
+    fn drained_idle_within(&self) -> Duration {
+        Duration::from_secs(10)
+            + self
+                .a
+                .reset_every
+                .map_or(Duration::ZERO, |_| self.reconnects_within())
+    }
+
+    /// Reads each drained worker not yet stopped (`pending`, indexes into the drains) and
+    /// stops those that hold no task, or have had [`Run::drained_idle_within`] to; gives
+    /// whether any is left pending.
+    async fn stop_drained(&mut self, pending: &mut Vec<usize>) -> anyhow::Result<bool> {
+        let within = self.drained_idle_within();
+        let reads = pending.iter().map(|&i| {
+            let path = format!("/api/v1/workers/{}", self.drains[i].worker);
+            let api = &self.api;
+            async move { api.get(&path).await }
+        });
+        let read = futures_util::future::join_all(reads).await;
+        let mut stop = Vec::new();
+        let mut left = Vec::new();
+        for (&i, w) in pending.iter().zip(read) {
+            let d = &mut self.drains[i];
+            let w = w.with_context(|| format!("reading drained worker {}", d.worker))?;
+            if w["leases"].as_array().is_some_and(Vec::is_empty) {
+                d.idle_after = Some(d.since.elapsed());
+            } else if d.since.elapsed() < within {
+                left.push(i);
+                continue;
+            }
+            stop.push(d.worker.clone());
+        }
+        *pending = left;
+        if !stop.is_empty() {
+            self.fleet
+                .send(&Command::Stop {
+                    ids: stop,
+                    abrupt: false,
+                })
+                .await?;
+        }
+        Ok(!pending.is_empty())
     }
 
     /// Cuts every worker off from the coordinator for `--outage` as `--cut` says; the times
@@ -1151,6 +1258,28 @@ impl Run {
         if self.a.scenario == Scenario::MixedPriority {
             mixed_priority_verdicts(r, &t, &self.submitted, &self.high_priority);
         }
+        if !self.drains.is_empty() {
+            let drained: HashMap<String, chrono::DateTime<chrono::Utc>> = self
+                .drains
+                .iter()
+                .map(|d| (d.worker.clone(), d.at))
+                .collect();
+            let after = t.started_after_drain(&drained);
+            r.verdict(
+                "drained workers took no task",
+                after.is_empty(),
+                match after.first() {
+                    None => format!(
+                        "the store holds no attempt leased to any of the {} drained workers after its drain's answer",
+                        drained.len()
+                    ),
+                    Some(first) => format!(
+                        "{} attempts leased to drained workers after the drain: first {first}",
+                        after.len()
+                    ),
+                },
+            );
+        }
         r.notes.push(format!(
             "open-file limit {}; workers connect from {} source addresses",
             super::open_file_limit(),
@@ -1674,7 +1803,8 @@ fn gone_for(workers: &Value, hold: Duration, now: chrono::DateTime<chrono::Utc>)
         .map_or(0, |ws| ws.iter().filter(gone).count() as u64)
 }
 
-/// Trivial tasks flow for `--duration` while workers leave (half crash) and join.
+/// Trivial tasks flow for `--duration` while workers leave and join: each second in turn the
+/// oldest are drained (and stopped once they hold nothing), crash, or shut down.
 async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     let n = run.workers;
     run.start_workers(n).await?;
@@ -1692,7 +1822,10 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut churn = tokio::time::interval(Duration::from_secs(1));
     churn.tick().await;
-    let mut abrupt = false;
+    let mut leaving = Leaving::Drained;
+    // Drained workers not yet stopped (indexes into the run's drains), read every DRAIN_POLL.
+    let mut pending: Vec<usize> = Vec::new();
+    let mut read_at = Instant::now();
     let mut replaced = 0u64;
     let per_churn = ((n as f64 * run.a.churn).ceil() as u64).min(n);
     // Bounded by time and by count: at 20,000 tasks a second the bound on the tasks a run holds
@@ -1706,12 +1839,29 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
         }
         tokio::select! {
             _ = churn.tick(), if per_churn > 0 => {
-                run.fleet.send(&Command::Stop { count: count(per_churn)?, abrupt }).await?;
+                // The oldest, those drained and still running their tasks left out.
+                let draining: HashSet<String> =
+                    pending.iter().map(|&i| run.drains[i].worker.clone()).collect();
+                let ids = run.fleet.roster.oldest(per_churn as usize, &draining);
+                match leaving {
+                    Leaving::Drained => {
+                        pending.extend(run.drains.len()..run.drains.len() + ids.len());
+                        run.drain(ids).await?;
+                    }
+                    Leaving::Crash | Leaving::Shutdown => {
+                        let abrupt = leaving == Leaving::Crash;
+                        run.fleet.send(&Command::Stop { ids, abrupt }).await?;
+                    }
+                }
                 run.fleet.send(&Command::Start { count: count(per_churn)? }).await?;
-                abrupt = !abrupt;
+                leaving = leaving.next();
                 replaced += per_churn;
             }
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        if !pending.is_empty() && read_at.elapsed() >= DRAIN_POLL {
+            read_at = Instant::now();
+            run.stop_drained(&mut pending).await?;
         }
         run.pb.set_position(t0.elapsed().as_secs());
     }
@@ -1724,6 +1874,10 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
             window.as_secs_f64(),
             duration.as_secs()
         ));
+    }
+    // Those drained last: each stopped once it holds nothing (or its time ran out).
+    while run.stop_drained(&mut pending).await? {
+        tokio::time::sleep(DRAIN_POLL).await;
     }
     run.wait_all_terminal().await?;
     let c1 = run.coord.sample()?.cpu_s;
@@ -1751,7 +1905,7 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
         );
     }
     r.notes.push(format!(
-        "every second {per_churn} workers left (alternately crashing and shutting down) and as many joined; {slots} slots per worker"
+        "every second {per_churn} workers left (in turn drained then stopped once idle, crashing, and shutting down) and as many joined; {slots} slots per worker"
     ));
     r.target(
         "at least 20,000 trivial tasks per second end to end with 100 workers",
@@ -1759,7 +1913,49 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
         tps >= 20_000.0,
         format!("{tps:.0} tasks/s with {n} workers"),
     );
+    let within = run.drained_idle_within();
+    drain_figures(&mut run.report, &run.drains, within);
     Ok(())
+}
+
+/// steady_load's figures and verdict on its drains: how many, how long from each drain's
+/// answer until its worker held no task, and whether each did within `within` (a drained
+/// worker runs what it holds to its end, and takes nothing new).
+fn drain_figures(r: &mut Report, drains: &[Drained], within: Duration) {
+    if drains.is_empty() {
+        return;
+    }
+    r.drained_workers = Some(drains.len() as u64);
+    let idle: Vec<f64> = drains
+        .iter()
+        .filter_map(|d| d.idle_after)
+        .map(|t| t.as_secs_f64() * 1000.0)
+        .collect();
+    r.drain_to_idle_ms = Dist::of(idle);
+    let held: u64 = drains.iter().map(|d| d.held).sum();
+    let stuck: Vec<&str> = drains
+        .iter()
+        .filter(|d| d.idle_after.is_none())
+        .map(|d| d.worker.as_str())
+        .collect();
+    r.verdict(
+        "drained workers ran what they held to its end",
+        stuck.is_empty(),
+        match stuck.first() {
+            None => format!(
+                "each of the {} drained held no task within {} s of its drain (they held {held} when drained); read every {} ms",
+                drains.len(),
+                within.as_secs(),
+                DRAIN_POLL.as_millis()
+            ),
+            Some(first) => format!(
+                "{} of {} drained still held tasks {} s after the drain: first {first}",
+                stuck.len(),
+                drains.len(),
+                within.as_secs()
+            ),
+        },
+    );
 }
 
 /// How many tasks steady_load submits next, `submitted` so far and `done` of them: a `chunk`
@@ -2021,20 +2217,17 @@ async fn checkpoint_heavy(run: &mut Run) -> anyhow::Result<()> {
     run.phase("workers crashing", 1);
     // The crash falls on workers running tasks first: with fewer tasks than workers, the
     // oldest may run none.
-    let live: Vec<String> = run
-        .fleet
-        .report()
-        .await?
-        .workers
-        .into_iter()
-        .filter(|w| w.stopped_us == 0)
-        .map(|w| w.id)
-        .collect();
+    let live: Vec<String> = run.fleet.roster.live().cloned().collect();
     let before = run.running().await?;
     let targets = crash_targets(&before, &live, crash);
     let at = chrono::Utc::now();
     let at_us = now_us();
-    run.fleet.send(&Command::Crash { ids: targets }).await?;
+    run.fleet
+        .send(&Command::Stop {
+            ids: targets,
+            abrupt: true,
+        })
+        .await?;
     // The fleet takes its commands in order: the report follows the crash.
     let workers: HashSet<String> = run
         .fleet

@@ -403,6 +403,30 @@ impl Truth {
         out
     }
 
+    /// Attempts the coordinator leased to a drained worker after the run had the drain's
+    /// answer (`drained`: each worker's, that moment), each said as `task attempt N on W, X ms
+    /// after its drain`, in task order. Its stamps round down, so an attempt leased before
+    /// the drain never reads as after it.
+    pub fn started_after_drain(&self, drained: &HashMap<String, DateTime<Utc>>) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .tasks
+            .iter()
+            .flat_map(|(id, t)| t.runs.iter().map(move |r| (id, r)))
+            .filter_map(|(id, r)| {
+                let at = *drained.get(&r.worker)?;
+                let started = r.started_at.filter(|s| *s > at)?;
+                Some(format!(
+                    "{id} attempt {} on {}, {} ms after its drain",
+                    r.attempt,
+                    r.worker,
+                    (started - at).num_milliseconds()
+                ))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Of `ids` (tasks whose result was acknowledged to its worker before a cut), those the
     /// store does not hold completed with one counted result from their one attempt, each with
     /// what it holds: a result lost in the cut sends its task to run again (its worker, told
@@ -427,6 +451,37 @@ impl Truth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only an attempt leased to a drained worker after its drain's answer is named: one
+    /// leased to it before, one leased to another worker after, and one of a worker never
+    /// drained are not.
+    #[test]
+    fn an_attempt_leased_to_a_drained_worker_after_its_drain_is_named() {
+        let at = |ms: i64| DateTime::<Utc>::from_timestamp_millis(1_800_000_000_000 + ms);
+        let run = |attempt: u64, worker: &str, ms: i64| AttemptRow {
+            attempt,
+            worker: worker.into(),
+            started_at: at(ms),
+            ..AttemptRow::default()
+        };
+        let mut t = Truth::default();
+        let task = |runs: Vec<AttemptRow>| TaskRow {
+            runs,
+            ..TaskRow::default()
+        };
+        t.tasks
+            .insert("t-1".into(), task(vec![run(1, "w1", -5), run(2, "w2", 10)]));
+        t.tasks.insert("t-2".into(), task(vec![run(1, "w3", 50)]));
+        t.tasks.insert("t-3".into(), task(vec![run(1, "w1", 0)]));
+        let drained: HashMap<String, DateTime<Utc>> =
+            [("w1".to_owned(), at(0).expect("at"))].into();
+        assert!(t.started_after_drain(&drained).is_empty());
+        t.tasks.insert("t-4".into(), task(vec![run(1, "w1", 7)]));
+        assert_eq!(
+            t.started_after_drain(&drained),
+            ["t-4 attempt 1 on w1, 7 ms after its drain"]
+        );
+    }
 
     /// A new store file at `path` with the two tables the truth reads, as the coordinator lays
     /// them out.
