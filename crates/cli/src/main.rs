@@ -73,12 +73,13 @@ enum Cmd {
         #[arg(value_name = "WORKER_ID")]
         id: Option<tether_proto::WorkerId>,
     },
-    /// Cancel a task.
+    /// Cancel tasks (one or several ids; each answer printed in the order given, a refusal said
+    /// and the others cancelled all the same).
     Cancel(client::ControlArgs),
-    /// Pause a task: a running one stops at its next pause point; a queued one is held. It stays
+    /// Pause tasks: a running one stops at its next pause point; a queued one is held. It stays
     /// paused, wherever it is, until resumed.
     Pause(client::ControlArgs),
-    /// Resume a paused task (a held one is queued again).
+    /// Resume paused tasks (a held one is queued again).
     Resume(client::ControlArgs),
     /// Ask a running task for a checkpoint now (an executor that checkpoints makes one at its
     /// next chance: a `command` task's changed checkpoint directory is shipped at once); with
@@ -87,11 +88,11 @@ enum Cmd {
     /// Run ended tasks again: each submitted anew, as a new task, with the spec it had (the
     /// new ids printed, `NEW (retry of OLD)`); with `--watch`, follow them to their end.
     Retry(client::RetryArgs),
-    /// Drain a worker: no new task goes to it, and what it runs goes on to its end; with
-    /// `--wait`, wait until it holds none. It stays drained, across its restarts and the
-    /// coordinator's, until undrained.
+    /// Drain workers (one or several ids): no new task goes to them, and what they run goes on
+    /// to its end; with `--wait`, wait until none holds any. A worker stays drained, across its
+    /// restarts and the coordinator's, until undrained.
     Drain(client::DrainArgs),
-    /// Put a drained worker back: it takes tasks again.
+    /// Put drained workers back: they take tasks again.
     Undrain(client::UndrainArgs),
     /// A self-contained demonstration: a coordinator, workers, tasks and network faults.
     Demo(demo::DemoArgs),

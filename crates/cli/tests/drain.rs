@@ -52,6 +52,21 @@ async fn told(w: &TestWorker, want: bool, what: &str) {
     .await;
 }
 
+/// What a `tether drain --wait` started with its stdout piped printed, once it ended with exit
+/// 0 within [`LONG`] (else the test fails, saying `what`).
+async fn waited(waiting: &mut tokio::process::Child, what: &str) -> String {
+    let out = tokio::time::timeout(LONG, waiting.wait())
+        .await
+        .expect(what)
+        .expect("wait");
+    assert_eq!(out.code(), Some(0));
+    let mut said = String::new();
+    tokio::io::AsyncReadExt::read_to_string(waiting.stdout.as_mut().expect("piped"), &mut said)
+        .await
+        .expect("read");
+    said
+}
+
 /// The worker that ran `id`'s last attempt.
 async fn ran_on(client: &Client, id: &TaskId) -> String {
     let t = client.task(id).await;
@@ -128,15 +143,7 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
     // The held task ends: the wait ends with it.
     std::fs::write(&go, b"").expect("release the task");
     client.wait_status(&long, "completed").await;
-    let out = tokio::time::timeout(LONG, waiting.wait())
-        .await
-        .expect("the wait ended once the worker held nothing")
-        .expect("wait");
-    assert_eq!(out.code(), Some(0));
-    let mut said = String::new();
-    tokio::io::AsyncReadExt::read_to_string(waiting.stdout.as_mut().expect("piped"), &mut said)
-        .await
-        .expect("read");
+    let said = waited(&mut waiting, "the wait ended once the worker held nothing").await;
     assert!(said.contains("worker w1 holds no task"), "{said}");
     let (_, out, _) = tether(&base, &["workers", "w1"]).await;
     assert!(
@@ -183,6 +190,72 @@ async fn a_drained_worker_finishes_its_task_takes_nothing_new_and_stays_drained_
     let (code, _, err) = tether(&base, &["drain", "no/such"]).await;
     assert_eq!(code, Some(2), "{err}");
     w1.stop().await.expect("w1 stops");
+    c.stop().await;
+}
+
+/// A rolling restart's first step: `tether drain` of several workers at once drains each
+/// (one unknown is said and fails the command, the others drained all the same), and `--wait`
+/// ends once every one of them holds nothing, each said as it empties; `tether undrain` puts
+/// several back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_and_undrain_of_several_workers_act_on_each_and_wait_for_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().join("c")).await;
+    let base = format!("http://{}", c.addr);
+    let client = c.client();
+    let (w1, w2) = (worker(&c, "w1"), worker(&c, "w2"));
+    w1.wait_state(|s| s == ConnState::Connected).await;
+    w2.wait_state(|s| s == ConnState::Connected).await;
+    let (go1, go2) = (dir.path().join("go1"), dir.path().join("go2"));
+    let held = client.submit(&[held_until(&go1), held_until(&go2)]).await;
+    for id in &held {
+        client.wait_status(id, "running").await;
+    }
+    let (code, out, err) = tether(&base, &["drain", "w1", "nobody", "w2", "w1"]).await;
+    assert_eq!(code, Some(1), "stdout: {out}\nstderr: {err}");
+    let drained: Vec<&str> = out.lines().collect();
+    assert_eq!(drained.len(), 2, "each once, in the order given: {out}");
+    assert!(drained[0].starts_with("worker w1 drained"), "{out}");
+    assert!(drained[1].starts_with("worker w2 drained"), "{out}");
+    assert!(
+        err.contains("worker nobody: no worker nobody at this coordinator"),
+        "{err}"
+    );
+    assert!(err.contains("1 of 3 workers not drained"), "{err}");
+    for w in ["w1", "w2"] {
+        let (_, record) = client.get(&format!("/api/v1/workers/{w}")).await;
+        assert_eq!(record["draining"], true, "{record}");
+    }
+    // The wait ends only when both hold nothing: one released first, it waits on.
+    let mut waiting = tether_cmd(&base, &["drain", "w1", "w2", "--wait=1m"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start tether drain --wait");
+    std::fs::write(&go1, b"").expect("release one task");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        waiting.try_wait().expect("try_wait").is_none(),
+        "the wait ended with a task still held"
+    );
+    std::fs::write(&go2, b"").expect("release the other");
+    let said = waited(&mut waiting, "the wait ended once both held nothing").await;
+    for w in ["w1", "w2"] {
+        assert!(
+            said.contains(&format!("worker {w} holds no task")),
+            "{said}"
+        );
+    }
+    let (code, out, err) = tether(&base, &["undrain", "w1", "w2"]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "worker w1 undrained: it takes tasks again",
+            "worker w2 undrained: it takes tasks again"
+        ]
+    );
+    w1.stop().await.expect("w1 stops");
+    w2.stop().await.expect("w2 stops");
     c.stop().await;
 }
 

@@ -503,6 +503,48 @@ async fn checkpoint_asks_a_running_task_for_one_and_task_shows_its_state_and_che
     assert_eq!(v["task"]["status"], "running", "untouched: {v}");
 }
 
+/// `tether cancel`, `pause` and `resume` take several ids: each acted on once, its answer
+/// printed in the order given; one refused (unknown, already ended) is said on stderr, the
+/// others are acted on all the same, and the command fails naming how many were refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_of_several_tasks_acts_on_each_in_order_and_says_each_refusal() {
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    // No worker: every task stays queued.
+    for id in ["a", "b", "c"] {
+        site.submit(id, json!({"ms": 1000})).await;
+    }
+    let run = |args: &[&str]| client(&site.base, args);
+    let (ok, out, err) = run(&["pause", "c", "a", "c"]);
+    assert!(ok, "{out} {err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["c paused", "a paused"]);
+    let (ok, out, err) = run(&["resume", "a", "c"]);
+    assert!(ok, "{out} {err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["a queued", "c queued"]);
+    let (ok, out, err) = run(&["cancel", "a", "nosuch", "b"]);
+    assert!(!ok, "an unknown task fails the command: {out}");
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        ["a cancelled", "b cancelled"]
+    );
+    assert!(err.contains("task nosuch:"), "{err}");
+    assert!(
+        err.contains("1 of 3 tasks refused the cancel (first nosuch"),
+        "{err}"
+    );
+    // An ended task refuses a second cancel; the one still queued is cancelled.
+    let (ok, out, err) = run(&["cancel", "b", "c", "--json"]);
+    assert!(!ok, "{out}");
+    let answers: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON document a line"))
+        .collect();
+    assert_eq!(answers.len(), 1, "{out}");
+    assert_eq!(answers[0]["task_id"], "c");
+    assert_eq!(answers[0]["status"], "cancelled");
+    assert!(err.contains("task b:"), "{err}");
+}
+
 /// The result a cancelled running task sends is kept, not counted: `tether task` says why
 /// (its attempt was cancelled), and the coordinator counts it apart from the stale results of
 /// lost leases, which are a sign of a fault.

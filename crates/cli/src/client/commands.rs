@@ -2,6 +2,7 @@
 
 use super::table::*;
 use super::*;
+use futures_util::StreamExt as _;
 use std::collections::BTreeMap;
 use tether_coordinator::model::REDACTED;
 use tether_proto::task::{MAX_ATTEMPTS, MAX_LABELS};
@@ -1202,7 +1203,7 @@ async fn worker(api: &Api, id: &tether_proto::WorkerId, json: bool) -> anyhow::R
     let w = api
         .get(&format!("/api/v1/workers/{id}"))
         .await
-        .map_err(|e| unknown_worker(e, id))?;
+        .map_err(|e| unknown_worker(e, id.as_str()))?;
     if json {
         outln!("{w}")?;
         return Ok(());
@@ -1380,47 +1381,106 @@ fn worker_fields(w: &Value, now: chrono::DateTime<chrono::Utc>) -> Vec<(&'static
 pub struct ControlArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Task id. Checked against the id rules before any request: an id such as
-    /// `x/../other` would otherwise be resolved by the URL into another task's.
-    id: tether_proto::TaskId,
+    /// Task ids, each checked against the id rules before any request: an id such as
+    /// `x/../other` would otherwise be resolved by the URL into another task's. An id given
+    /// twice is acted on once.
+    #[arg(required = true, value_name = "TASK_ID")]
+    ids: Vec<tether_proto::TaskId>,
 }
 
+/// Requests in flight at once when a command acts on many tasks or workers: the answers are
+/// printed in the order the ids were given.
+const CONTROLS_AT_ONCE: usize = 8;
+
+/// The ids in the order given, each once.
+fn each_once<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut seen = BTreeSet::new();
+    ids.into_iter().filter(|id| seen.insert(*id)).collect()
+}
+
+/// `tether cancel|pause|resume ID...`: each task asked in turn (a few requests at once), its
+/// answer printed in the order given. With several ids, one refused (not found, already
+/// ended) is said on stderr and the others go on; the command then fails, naming how many.
 pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
-    let v = api
-        .post(&format!("/api/v1/tasks/{}/{action}", a.id), &json!({}))
-        .await?;
-    if a.common.json {
-        outln!("{v}")?;
-        return Ok(());
+    let ids = each_once(a.ids.iter().map(|id| id.as_str()));
+    let json = a.common.json;
+    let mut answers = futures_util::stream::iter(ids.iter().copied())
+        .map(|id| control_one(&api, id, action, json))
+        .buffered(CONTROLS_AT_ONCE);
+    let mut refused = Vec::new();
+    let mut at = 0;
+    while let Some(answer) = answers.next().await {
+        let id = ids[at];
+        at += 1;
+        match answer {
+            Ok((line, note)) => {
+                outln!("{line}")?;
+                if let Some(note) = note {
+                    eprintln!("{note}");
+                }
+            }
+            Err(e) if ids.len() == 1 => return Err(e),
+            Err(e) => {
+                eprintln!("task {id}: {e:#}");
+                refused.push(id);
+            }
+        }
     }
-    outln!("{} {}", s(&v["task_id"]), s(&v["status"]))?;
+    match refused.first() {
+        None => Ok(()),
+        Some(first) => bail!(
+            "{} of {} tasks refused the {action} (first {first}; each said above)",
+            refused.len(),
+            ids.len()
+        ),
+    }
+}
+
+/// One task's control: the line to print of its answer (`ID STATUS`, or its JSON), and for a
+/// pause or resume of a task whose worker is away, a note for stderr. Printed by the caller,
+/// in the order the ids were given.
+async fn control_one(
+    api: &Api,
+    id: &str,
+    action: &str,
+    json: bool,
+) -> anyhow::Result<(String, Option<String>)> {
+    let v = api
+        .post(&format!("/api/v1/tasks/{id}/{action}"), &json!({}))
+        .await?;
+    if json {
+        return Ok((v.to_string(), None));
+    }
+    let line = format!("{} {}", s(&v["task_id"]), s(&v["status"]));
     // A control of a task whose worker is away is kept for it (the lease's desired state):
     // said, so that `paused` is not read as done. A worker that cannot be read says nothing.
     if let (Some(worker), "pause" | "resume") = (v["lease"]["worker"].as_str(), action)
         && let Ok(w) = api.get(&format!("/api/v1/workers/{worker}")).await
         && w["state"] != "connected"
     {
-        eprintln!(
+        let note = format!(
             "(its worker {} is {}: it is told when it reconnects, and the task stays as asked if \
              it moves to another)",
             shown(worker),
             s(&w["state"])
         );
+        return Ok((line, Some(note)));
     }
-    Ok(())
+    Ok((line, None))
 }
 
 #[derive(Args)]
 pub struct DrainArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Worker id, checked against the id rules before any request.
-    #[arg(value_name = "WORKER_ID")]
-    id: tether_proto::WorkerId,
-    /// Wait until the worker holds no task (exit 0), or DURATION passes (exit 1): `--wait`
-    /// waits for as long as its tasks run, `--wait=30m` half an hour at most. Ends with exit 1
-    /// too if the worker is undrained meanwhile.
+    /// Worker ids, each checked against the id rules before any request; an id given twice
+    /// is drained once.
+    #[arg(required = true, value_name = "WORKER_ID")]
+    ids: Vec<tether_proto::WorkerId>,
+    /// Wait until every worker named holds no task (exit 0), or DURATION passes (exit 1):
+    /// `--wait` waits for as long as their tasks run, `--wait=30m` half an hour at most. Ends
+    /// with exit 1 too if a worker is undrained meanwhile.
     #[arg(
         long,
         value_name = "DURATION",
@@ -1454,71 +1514,152 @@ fn held_tasks(w: &Value) -> String {
     }
 }
 
-/// `tether drain`: the worker takes no new task; what it holds runs on. With `--wait`, until
-/// it holds none.
+/// Drains or undrains (`action`) each of `ids` (a few requests at once), giving each worker's
+/// record in the order given, or why it was refused. With several ids, a refusal does not stop
+/// the others.
+async fn worker_actions<'a>(
+    api: &Api,
+    ids: &[&'a str],
+    action: &str,
+) -> Vec<(&'a str, anyhow::Result<Value>)> {
+    futures_util::stream::iter(ids.iter().copied())
+        .map(|id| async move {
+            let answer = api
+                .post(&format!("/api/v1/workers/{id}/{action}"), &json!({}))
+                .await
+                .map_err(|e| unknown_worker(e, id));
+            (id, answer)
+        })
+        .buffered(CONTROLS_AT_ONCE)
+        .collect()
+        .await
+}
+
+/// Ends a command on several workers or tasks: an error naming how many of `of` were refused
+/// (each said on stderr before), or for one (`of` 1) its own error.
+fn refused_of(
+    mut refused: Vec<(String, anyhow::Error)>,
+    of: usize,
+    what: &str,
+) -> anyhow::Result<()> {
+    if of == 1
+        && let Some((_, e)) = refused.pop()
+    {
+        return Err(e);
+    }
+    for (id, e) in &refused {
+        eprintln!("worker {id}: {e:#}");
+    }
+    match refused.first() {
+        None => Ok(()),
+        Some((first, _)) => bail!(
+            "{} of {of} workers {what} (first {first}; each said above)",
+            refused.len()
+        ),
+    }
+}
+
+/// `tether drain ID...`: each worker takes no new task; what it holds runs on. With `--wait`,
+/// until none of them holds any.
 pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
-    let path = format!("/api/v1/workers/{}", a.id);
-    let mut w = api
-        .post(&format!("{path}/drain"), &json!({}))
-        .await
-        .map_err(|e| unknown_worker(e, &a.id))?;
-    if a.common.json && a.wait.is_none() {
-        outln!("{w}")?;
-        return Ok(());
-    }
-    if !a.common.json {
-        outln!(
-            "worker {} drained: it takes no new task until `tether undrain {}`; it holds {}{}",
-            a.id,
-            a.id,
-            held_tasks(&w),
-            match w["leases"].as_array().is_some_and(|l| !l.is_empty()) {
-                true => ", which run on to their end",
-                false => "",
+    let ids = each_once(a.ids.iter().map(|id| id.as_str()));
+    let mut refused = Vec::new();
+    let mut waiting = Vec::new();
+    for (id, answer) in worker_actions(&api, &ids, "drain").await {
+        let w = match answer {
+            Ok(w) => w,
+            Err(e) => {
+                refused.push((id.to_owned(), e));
+                continue;
             }
-        )?;
-        if w["state"] != "connected" {
-            eprintln!(
-                "(worker {} is {}: the drain is kept for it, across its reconnections)",
-                a.id,
-                s(&w["state"])
-            );
+        };
+        if a.common.json && a.wait.is_none() {
+            outln!("{w}")?;
+            continue;
         }
+        if !a.common.json {
+            outln!(
+                "worker {id} drained: it takes no new task until `tether undrain {id}`; it holds {}{}",
+                held_tasks(&w),
+                match w["leases"].as_array().is_some_and(|l| !l.is_empty()) {
+                    true => ", which run on to their end",
+                    false => "",
+                }
+            )?;
+            if w["state"] != "connected" {
+                eprintln!(
+                    "(worker {id} is {}: the drain is kept for it, across its reconnections)",
+                    s(&w["state"])
+                );
+            }
+        }
+        waiting.push((id, w));
     }
-    let Some(limit) = a.wait else {
-        return Ok(());
+    if let Some(limit) = a.wait {
+        refused.extend(wait_idle(&api, waiting, limit, a.common.json).await?);
+    }
+    let what = match a.wait {
+        Some(_) => "not drained, or not emptied in the wait",
+        None => "not drained",
     };
+    refused_of(refused, ids.len(), what)
+}
+
+/// `tether drain --wait`: reads each drained worker (`waiting`, with its last record) until it
+/// holds no task, each said as it empties; gives those undrained meanwhile, or still holding
+/// tasks when `limit` passed, each with why.
+async fn wait_idle(
+    api: &Api,
+    mut waiting: Vec<(&str, Value)>,
+    limit: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<Vec<(String, anyhow::Error)>> {
     let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+    let mut failed = Vec::new();
     loop {
-        let holds = w["leases"].as_array().map_or(0, Vec::len);
-        if holds == 0 {
-            match a.common.json {
-                true => outln!("{w}")?,
-                false => outln!("worker {} holds no task", a.id)?,
+        let mut still = Vec::new();
+        for (id, w) in waiting {
+            if w["leases"].as_array().is_none_or(Vec::is_empty) {
+                match json {
+                    true => outln!("{w}")?,
+                    false => outln!("worker {id} holds no task")?,
+                }
+            } else if w["draining"] != true {
+                let e = anyhow::anyhow!(
+                    "worker {id} was undrained while `tether drain --wait` waited; it holds {}",
+                    held_tasks(&w)
+                );
+                failed.push((id.to_owned(), e));
+            } else {
+                still.push((id, w));
             }
-            return Ok(());
         }
-        if w["draining"] != true {
-            bail!(
-                "worker {} was undrained while {} waited; it holds {}",
-                a.id,
-                "`tether drain --wait`",
-                held_tasks(&w)
-            );
+        if still.is_empty() {
+            return Ok(failed);
         }
         if let (Some(deadline), Some(limit)) = (deadline, limit)
             && tokio::time::Instant::now() >= deadline
         {
-            bail!(
-                "worker {} still holds {} after {}",
-                a.id,
-                held_tasks(&w),
-                humantime::format_duration(limit)
-            );
+            for (id, w) in still {
+                let e = anyhow::anyhow!(
+                    "worker {id} still holds {} after {}",
+                    held_tasks(&w),
+                    humantime::format_duration(limit)
+                );
+                failed.push((id.to_owned(), e));
+            }
+            return Ok(failed);
         }
         tokio::time::sleep(DRAIN_POLL).await;
-        w = api.get(&path).await.map_err(|e| unknown_worker(e, &a.id))?;
+        waiting = Vec::with_capacity(still.len());
+        for (id, _) in still {
+            let w = api
+                .get(&format!("/api/v1/workers/{id}"))
+                .await
+                .map_err(|e| unknown_worker(e, id))?;
+            waiting.push((id, w));
+        }
     }
 }
 
@@ -1526,27 +1667,29 @@ pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
 pub struct UndrainArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Worker id, checked against the id rules before any request.
-    #[arg(value_name = "WORKER_ID")]
-    id: tether_proto::WorkerId,
+    /// Worker ids, each checked against the id rules before any request; an id given twice
+    /// is undrained once.
+    #[arg(required = true, value_name = "WORKER_ID")]
+    ids: Vec<tether_proto::WorkerId>,
 }
 
-/// `tether undrain`: a drained worker takes tasks again.
+/// `tether undrain ID...`: each drained worker takes tasks again.
 pub async fn undrain(a: UndrainArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
-    let w = api
-        .post(&format!("/api/v1/workers/{}/undrain", a.id), &json!({}))
-        .await
-        .map_err(|e| unknown_worker(e, &a.id))?;
-    match a.common.json {
-        true => outln!("{w}")?,
-        false => outln!("worker {} undrained: it takes tasks again", a.id)?,
+    let ids = each_once(a.ids.iter().map(|id| id.as_str()));
+    let mut refused = Vec::new();
+    for (id, answer) in worker_actions(&api, &ids, "undrain").await {
+        match answer {
+            Ok(w) if a.common.json => outln!("{w}")?,
+            Ok(_) => outln!("worker {id} undrained: it takes tasks again")?,
+            Err(e) => refused.push((id.to_owned(), e)),
+        }
     }
-    Ok(())
+    refused_of(refused, ids.len(), "not undrained")
 }
 
 /// An answer 404 about worker `id` said as such.
-fn unknown_worker(e: anyhow::Error, id: &tether_proto::WorkerId) -> anyhow::Error {
+fn unknown_worker(e: anyhow::Error, id: &str) -> anyhow::Error {
     let unknown = e.downcast_ref::<Refused>().is_some_and(|r| r.status == 404);
     match unknown {
         true => e.context(format!(
