@@ -369,6 +369,81 @@ async fn submit_sent_again_with_the_same_id_exits_0_saying_it_was_already_submit
     coord.stop().await;
 }
 
+/// A run's tasks by their name: `tether tasks --name` lists those submitted under it, and
+/// only those (a name with characters a URL gives meaning to among them), with `--status` and
+/// `--all` alike; the API refuses a name no task can have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_by_name_lists_a_runs_tasks_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let coord = tether_testkit::spawn_coordinator(dir.path().join("data")).await;
+    let base = format!("http://{}", coord.addr);
+    let odd = "run 7&status=failed+x";
+    let mut ids: std::collections::HashMap<&str, Vec<String>> = Default::default();
+    for (name, n) in [("nightly-42", 3), (odd, 2), ("nightly-43", 1)] {
+        for _ in 0..n {
+            let args = [
+                "submit",
+                "--coordinator",
+                &base,
+                "--name",
+                name,
+                "--kind",
+                "sleep",
+            ];
+            let out = tether_output(args.map(str::to_owned).to_vec()).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            ids.entry(name).or_default().push(id);
+        }
+    }
+    let client = coord.client();
+    let (_, v) = client
+        .post(
+            &format!("/api/v1/tasks/{}/cancel", ids["nightly-42"][1]),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(v["status"], "cancelled", "{v}");
+    let listed = |extra: &[&str]| {
+        let mut args = vec!["tasks", "--coordinator", &base, "--json"];
+        args.extend(extra);
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move {
+            let out = tether_output(args).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            v.as_array()
+                .expect("a listing")
+                .iter()
+                .map(|t| t["task_id"].as_str().expect("an id").to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(&["--name", "nightly-42"]).await, ids["nightly-42"]);
+    assert_eq!(listed(&["--name", odd, "--all"]).await, ids[odd]);
+    assert_eq!(
+        listed(&["--name", "nightly-42", "--status", "queued"]).await,
+        [ids["nightly-42"][0].clone(), ids["nightly-42"][2].clone()]
+    );
+    assert!(
+        listed(&["--name", "nightly"]).await.is_empty(),
+        "exact names only"
+    );
+    let (status, v) = client
+        .get(&format!("/api/v1/tasks?name={}", "n".repeat(1025)))
+        .await;
+    assert_eq!(status, 422, "{v}");
+    coord.stop().await;
+}
+
 /// A relative `--cwd` is a usage error (exit 2) naming the flag, before any request: the
 /// directory is the worker's, and a relative one would depend on where the worker was
 /// started. It was sent, and failed only on the worker.

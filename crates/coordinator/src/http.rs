@@ -44,6 +44,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tether_proto::task::MAX_NAME_BYTES;
 use tether_proto::{CheckpointId, TaskId, TaskSpec, TaskStatus, WorkerId};
 use tokio::sync::oneshot;
 
@@ -766,6 +767,7 @@ pub struct ListQuery {
     updated_since: Option<String>,
     after_seq: Option<u64>,
     ids: Option<String>,
+    name: Option<String>,
 }
 
 #[utoipa::path(
@@ -779,11 +781,12 @@ pub struct ListQuery {
         ("updated_since" = Option<String>, Query, description = "only tasks changed at or after this RFC 3339 time (`updated_at`), e.g. 2026-12-01T12:00:00Z"),
         ("after_seq" = Option<u64>, Query, description = "the next page: only tasks after the one with this `submit_seq` in the order asked; pass a page's last `submit_seq`. A page shorter than `limit` is the last"),
         ("ids" = Option<String>, Query, description = "only the tasks with these ids, comma-separated (at most 128; a `+` in an id sent as %2B), each looked up rather than the table scanned; an id no task has is simply absent. Combines with the others: e.g. `ids=a,b&status=running` lists those of a and b running"),
+        ("name" = Option<String>, Query, description = "only the tasks submitted under this name (their spec's `name`, exactly; at most 1024 bytes): a run's tasks, e.g. `name=nightly-42&status=failed`. Found through an index of the names, not a pass over the table"),
     ),
     responses(
         (status = 200, description = "Tasks in submission order (or the reverse); to a token of the read scope, each value of a config's `env` is `(redacted)`", body = Vec<crate::model::Task>),
-        (status = 400, description = "A query that cannot be read (`bad_request`): a parameter other than status, limit, order, updated_since, after_seq and ids (named, with those), one given twice, a `limit` or `after_seq` that is not a whole number, or more than 128 `ids`", body = ErrorBody),
-        (status = 422, description = "Unknown status or order, a time that is not RFC 3339, a `limit` above 100000, or one of `ids` that is not a task id", body = ErrorBody),
+        (status = 400, description = "A query that cannot be read (`bad_request`): a parameter other than status, limit, order, updated_since, after_seq, ids and name (named, with those), one given twice, a `limit` or `after_seq` that is not a whole number, or more than 128 `ids`", body = ErrorBody),
+        (status = 422, description = "Unknown status or order, a time that is not RFC 3339, a `limit` above 100000, one of `ids` that is not a task id, or a `name` longer than 1024 bytes", body = ErrorBody),
         (status = 503, description = "`busy`: every turn for large answers was held for half the handshake deadline (Retry-After: 1); `shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
     )
 )]
@@ -842,6 +845,14 @@ pub async fn list_tasks(
         Ok(ids) => ids,
         Err(e) => return e.into_response(),
     };
+    // No task has a longer name: asked, it is a mistake, not an empty run.
+    if let Some(name) = q.name.as_ref().filter(|n| n.len() > MAX_NAME_BYTES) {
+        return ApiError::Invalid(format!(
+            "name of {} bytes; no task has a name over {MAX_NAME_BYTES}",
+            name.len()
+        ))
+        .into_response();
+    }
     let query = TaskQuery {
         status,
         limit,
@@ -849,6 +860,7 @@ pub async fn list_tasks(
         updated_since,
         after_seq: q.after_seq,
         ids,
+        name: q.name,
     };
     let tasks = ask(&app, |reply| Api::ListTasks { query, reply });
     heavy_array(&app, async move { Ok(shown.tasks(tasks.await?)) }).await

@@ -32,8 +32,9 @@ pub struct SubmitArgs {
         conflicts_with = "file"
     )]
     max_attempts: Option<u32>,
-    /// A label shown in listings: at most 1024 bytes (the API's limit, checked as the arguments
-    /// are read).
+    /// A label shown in listings, and a run's handle: `tether tasks --name` lists the tasks
+    /// submitted under it. At most 1024 bytes (the API's limit, checked as the arguments are
+    /// read).
     #[arg(long, value_parser = parse_name, conflicts_with = "file")]
     name: Option<String>,
     /// The task's id (default: one the coordinator makes). While the coordinator keeps the task
@@ -573,6 +574,10 @@ pub struct TasksArgs {
         "queued", "running", "paused", "completed", "failed", "cancelled", "timed_out",
     ])]
     status: Option<String>,
+    /// Only the tasks submitted under this name (`tether submit --name`, a spec's `name`,
+    /// exactly): a run's tasks.
+    #[arg(long, value_parser = parse_name)]
+    name: Option<String>,
     /// At most this many (the oldest first, or the newest with --newest); with --all, the
     /// tasks read a request.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -589,7 +594,7 @@ pub struct TasksArgs {
 
 pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
-    let query = tasks_query(a.status.as_deref(), a.newest);
+    let query = tasks_query(a.status.as_deref(), a.name.as_deref(), a.newest);
     if a.all {
         // Printed a page at a time as each comes: the listing may be larger than memory.
         let mut listing = Listing::new(a.common.json);
@@ -633,11 +638,17 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
 
 /// The query of a task listing past its `limit`: its parameters joined by `&`, none when
 /// nothing is asked (a lone `&` ended the URL that errors quote).
-fn tasks_query(status: Option<&str>, newest: bool) -> String {
+fn tasks_query(status: Option<&str>, name: Option<&str>, newest: bool) -> String {
     let status = status.map(|s| format!("status={s}"));
+    // Any text: encoded as a form value (`&`, `=`, `+` and spaces kept what they are).
+    let name = name.map(|n| {
+        let encoded: String = url::form_urlencoded::byte_serialize(n.as_bytes()).collect();
+        format!("name={encoded}")
+    });
     let order = newest.then(|| "order=newest".to_owned());
     status
         .into_iter()
+        .chain(name)
         .chain(order)
         .collect::<Vec<_>>()
         .join("&")
@@ -1964,20 +1975,25 @@ mod tests {
     #[test]
     fn a_task_listings_path_joins_its_parameters_with_one_ampersand_each() {
         assert_eq!(
-            tasks_path(1000, &tasks_query(None, false)),
+            tasks_path(1000, &tasks_query(None, None, false)),
             "/api/v1/tasks?limit=1000"
         );
         assert_eq!(
-            tasks_path(7, &tasks_query(None, true)),
+            tasks_path(7, &tasks_query(None, None, true)),
             "/api/v1/tasks?limit=7&order=newest"
         );
         assert_eq!(
-            tasks_path(7, &tasks_query(Some("failed"), true)),
+            tasks_path(7, &tasks_query(Some("failed"), None, true)),
             "/api/v1/tasks?limit=7&status=failed&order=newest"
         );
         assert_eq!(
-            tasks_path(7, &tasks_query(Some("failed"), false)),
+            tasks_path(7, &tasks_query(Some("failed"), None, false)),
             "/api/v1/tasks?limit=7&status=failed"
+        );
+        // A name is any text: what would end or change the parameter is encoded.
+        assert_eq!(
+            tasks_path(7, &tasks_query(None, Some("a&b=c+d e%"), false)),
+            "/api/v1/tasks?limit=7&name=a%26b%3Dc%2Bd+e%25"
         );
     }
 

@@ -86,12 +86,18 @@ pub struct TaskQuery {
     /// Only the tasks with these ids (an id no task has is simply absent from the answer): the
     /// listing looks each up, not a pass over the table.
     pub ids: Option<BTreeSet<TaskId>>,
+    /// Only the tasks submitted under this name (their spec's `name`, exactly).
+    pub name: Option<String>,
 }
 
 impl TaskQuery {
     pub(super) fn admits(&self, t: &Task) -> bool {
         self.ids.as_ref().is_none_or(|ids| ids.contains(&t.task_id))
             && self.status.is_none_or(|s| t.status == s)
+            && self
+                .name
+                .as_deref()
+                .is_none_or(|n| t.spec.name.as_deref() == Some(n))
             && self.updated_since.is_none_or(|since| t.updated_at >= since)
             && self.after_seq.is_none_or(|a| match self.newest_first {
                 false => t.submit_seq > a,

@@ -1,7 +1,8 @@
 //! Indexes of the task table for listings and the overview: tasks by submission number, by
-//! status and by last change, and the count of each status. A listing page, a status filter and
-//! an `updated_since` catch-up then cost the core the tasks they return (or, for a catch-up, the
-//! tasks changed since), not a pass over every task; the overview's counts cost nothing.
+//! status, by last change and by name, and the count of each status. A listing page, a status
+//! or name filter and an `updated_since` catch-up then cost the core the tasks they return (or,
+//! for a catch-up, the tasks changed since), not a pass over every task; the overview's counts
+//! cost nothing.
 //!
 //! The core keeps them with the table: a task enters at submission (or load), is re-indexed when
 //! it is saved (every change of a task is saved, so none escapes), and leaves at removal.
@@ -38,6 +39,9 @@ pub(super) struct Listing {
     by_seq: BTreeMap<u64, Entry>,
     by_status: BTreeSet<(TaskStatus, u64)>,
     by_update: BTreeSet<(DateTime<Utc>, u64)>,
+    /// The submission numbers of the tasks of each name (a spec's name never changes): a run's
+    /// tasks, submitted under one name, listed without a pass over the others.
+    by_name: BTreeMap<String, BTreeSet<u64>>,
     counts: [u64; TaskStatus::ALL.len()],
 }
 
@@ -56,6 +60,9 @@ impl Listing {
             self.by_update.insert((t.updated_at, seq));
             self.counts[slot(t.status)] += 1;
             self.by_seq.insert(seq, Entry::of(t));
+            if let Some(name) = &t.spec.name {
+                self.by_name.entry(name.clone()).or_default().insert(seq);
+            }
             return;
         };
         if e.status != t.status {
@@ -78,6 +85,14 @@ impl Listing {
         if let Some(old) = self.by_seq.remove(&t.submit_seq) {
             self.unindex(t.submit_seq, &old);
         }
+        if let Some(name) = &t.spec.name
+            && let Some(seqs) = self.by_name.get_mut(name.as_str())
+        {
+            seqs.remove(&t.submit_seq);
+            if seqs.is_empty() {
+                self.by_name.remove(name.as_str());
+            }
+        }
     }
 
     fn unindex(&mut self, seq: u64, old: &Entry) {
@@ -94,8 +109,8 @@ impl Listing {
 
     /// The ids `q` asks for, in its order, looked up in `admits` (which checks the task itself;
     /// `seq_of` gives a task's submission number). Named ids are each looked up; a page walks
-    /// the index from its `after_seq`; a status filter walks that status's tasks; an
-    /// `updated_since` walks the tasks changed since, then keeps the first `limit` of them.
+    /// the index from its `after_seq`; a name filter walks that name's tasks, else a status
+    /// filter that status's; an `updated_since` walks the tasks changed since, then keeps the first `limit` of them.
     pub(super) fn query(
         &self,
         q: &TaskQuery,
@@ -149,8 +164,13 @@ impl Listing {
             (true, Some(a)) => (Bound::Unbounded, Bound::Excluded(a)),
             (_, None) => (Bound::Unbounded, Bound::Unbounded),
         };
-        let seqs: Box<dyn DoubleEndedIterator<Item = u64>> = match q.status {
-            Some(s) => {
+        let seqs: Box<dyn DoubleEndedIterator<Item = u64>> = match (&q.name, q.status) {
+            // The tasks of the name (a status is checked on each, as every filter is).
+            (Some(name), _) => match self.by_name.get(name.as_str()) {
+                Some(seqs) => Box::new(seqs.range((lo, hi)).copied()),
+                None => return Vec::new(),
+            },
+            (None, Some(s)) => {
                 let lo = match lo {
                     Bound::Excluded(a) => Bound::Excluded((s, a)),
                     _ => Bound::Included((s, 0)),
@@ -161,7 +181,7 @@ impl Listing {
                 };
                 Box::new(self.by_status.range((lo, hi)).map(|(_, seq)| *seq))
             }
-            None => Box::new(self.by_seq.range((lo, hi)).map(|(seq, _)| *seq)),
+            (None, None) => Box::new(self.by_seq.range((lo, hi)).map(|(seq, _)| *seq)),
         };
         let in_order: Box<dyn Iterator<Item = u64>> = match q.newest_first {
             false => seqs,
@@ -193,10 +213,14 @@ mod tests {
 
     use super::*;
 
-    fn task(seq: u64, status: TaskStatus, updated_at: DateTime<Utc>) -> Task {
-        let spec = TaskSpec::new("sleep", serde_json::json!({}));
+    fn named(seq: u64, status: TaskStatus, updated_at: DateTime<Utc>, name: Option<&str>) -> Task {
+        let mut spec = TaskSpec::new("sleep", serde_json::json!({}));
+        spec.name = name.map(str::to_owned);
         Task::fixture(&format!("t{seq}"), spec, status, seq, updated_at)
     }
+
+    /// Names the random tests give tasks and ask for ("c" no task has).
+    const NAMES: [Option<&str>; 4] = [None, Some("a"), Some("b"), Some("c")];
 
     /// What a listing returned before the indexes: a pass over every task.
     fn by_pass(tasks: &BTreeMap<TaskId, Task>, q: &TaskQuery) -> Vec<TaskId> {
@@ -221,7 +245,8 @@ mod tests {
             // Submit, change or remove a task.
             match rng.random_range(0..10) {
                 0..4 => {
-                    let t = task(round, TaskStatus::Queued, t0);
+                    let name = NAMES[rng.random_range(0..3)];
+                    let t = named(round, TaskStatus::Queued, t0, name);
                     listing.put(&t);
                     tasks.insert(t.task_id.clone(), t);
                 }
@@ -264,6 +289,7 @@ mod tests {
                         .map(|id| TaskId::parse(&id).expect("id"))
                         .collect()
                 }),
+                name: NAMES[rng.random_range(0..NAMES.len())].map(str::to_owned),
             };
             let admits = |id: &TaskId| q.admits(&tasks[id]);
             let seq_of = |id: &TaskId| tasks.get(id).map(|t| t.submit_seq);
@@ -285,12 +311,11 @@ mod tests {
             0 => TaskStatus::Running,
             _ => TaskStatus::Completed,
         };
+        // Four of them submitted under one name, spread over the table.
+        let name = |seq: u64| (seq % 2_500 == 7).then_some("nightly-7");
         for seq in 0..10_000 {
-            listing.put(&task(
-                seq,
-                status(seq),
-                t0 + Duration::milliseconds(seq as i64),
-            ));
+            let at = t0 + Duration::milliseconds(seq as i64);
+            listing.put(&named(seq, status(seq), at, name(seq)));
         }
         let looked = Cell::new(0u32);
         let ask = |q: TaskQuery| {
@@ -346,5 +371,19 @@ mod tests {
             ..TaskQuery::default()
         };
         assert_eq!(ask(named), (3, 3));
+        // A run's tasks by their name, and its next page.
+        let run = TaskQuery {
+            name: Some("nightly-7".into()),
+            limit: 10,
+            ..TaskQuery::default()
+        };
+        assert_eq!(ask(run.clone()), (4, 4));
+        assert_eq!(
+            ask(TaskQuery {
+                after_seq: Some(2_507),
+                ..run
+            }),
+            (2, 2)
+        );
     }
 }
