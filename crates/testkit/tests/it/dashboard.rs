@@ -199,6 +199,28 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
     println!("dashboard screenshot: {}", path.display());
     assert!(std::fs::metadata(&path).expect("screenshot").len() > 10_000);
 
+    // The text filter finds a run's task by its name, in any case.
+    let mut named = sleep_task(10, 1, 5);
+    named.name = Some("nightly-42".into());
+    let named = client.submit(&[named]).await.remove(0);
+    let expr = format!("({}) !== null", task_status(named.as_str()));
+    browser
+        .wait_eval("the named task to appear", &expr, json!(true))
+        .await;
+    browser
+        .eval(
+            "(() => { const f = document.querySelector('#text-filter'); f.value = 'NIGHTLY-4'; \
+             f.dispatchEvent(new Event('input')); })()",
+        )
+        .await;
+    browser
+        .wait_eval(
+            "only the named task shown",
+            "[...document.querySelectorAll('#tasks tbody tr')].map(r => r.dataset.task)",
+            json!([named.as_str()]),
+        )
+        .await;
+
     w1.stop().await.expect("stop w1");
     w2.stop().await.expect("stop w2");
     c.stop().await;

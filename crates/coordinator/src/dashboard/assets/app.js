@@ -291,7 +291,7 @@ function renderTasks() {
     if (status && t.status !== status) return false;
     if (!text) return true;
     const worker = t.lease?.worker || t.attempts?.at(-1)?.worker || "";
-    return [t.task_id, t.spec.kind, worker].some((s) => s.toLowerCase().includes(text));
+    return [t.task_id, t.spec.kind, t.spec.name || "", worker].some((s) => s.toLowerCase().includes(text));
   });
   const rows = shown.slice(0, 300).map((t) => {
     const last = t.attempts?.at(-1);
