@@ -63,6 +63,11 @@ pub struct WatchArgs {
     common: CommonArgs,
     /// Tasks to follow until each has ended; with none, every task's changes until interrupted.
     ids: Vec<String>,
+    /// Follow a run: the tasks submitted under this name (`tether submit --name`) when the
+    /// watch starts, until each has ended (exit 0 only if all completed). A task submitted
+    /// under it later is not followed.
+    #[arg(long, value_parser = crate::client::parse_name, conflicts_with = "ids")]
+    name: Option<String>,
     /// Show workers' changes too (connected, disconnected, lost).
     #[arg(long)]
     workers: bool,
@@ -87,11 +92,39 @@ pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
     // Nor can any task be followed without a client (a token file missing, a URL that is no
     // coordinator's, a CA file that does not load): 2 as well.
     let api = Api::new(&a.common).map_err(|e| e.context(Unfollowed))?;
-    let ids = (!a.ids.is_empty()).then(|| a.ids.iter().cloned().collect());
+    let ids = match &a.name {
+        Some(name) => Some(
+            run_tasks(&api, name)
+                .await
+                .map_err(|e| e.context(Unfollowed))?,
+        ),
+        None => (!a.ids.is_empty()).then(|| a.ids.iter().cloned().collect()),
+    };
     let mut watch = Watch::new(ids, a.common.json, a.workers);
     watch.page = a.page_size as usize;
     watch.folds.every = a.checkpoints;
     judge(&api, watch).await
+}
+
+/// The ids of the tasks submitted under `name`, read page by page; none is an error (a name
+/// mistyped would otherwise be a run that ended at once, all completed).
+async fn run_tasks(api: &Api, name: &str) -> anyhow::Result<BTreeSet<String>> {
+    let query = crate::client::name_param(name);
+    let mut pages = TaskPages::new(api, &query, PAGE);
+    let mut ids = BTreeSet::new();
+    while let Some(page) = pages.next().await? {
+        ids.extend(
+            page.iter()
+                .filter_map(|t| t["task_id"].as_str().map(str::to_owned)),
+        );
+    }
+    if ids.is_empty() {
+        anyhow::bail!(
+            "no task named {name:?} at this coordinator (`tether tasks --name` lists a run's tasks)"
+        );
+    }
+    eprintln!("following the {} tasks named {name:?}", ids.len());
+    Ok(ids)
 }
 
 /// Why a watch could not tell how its tasks ended (interrupted, unreachable, refused): exit

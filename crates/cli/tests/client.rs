@@ -441,6 +441,49 @@ async fn tasks_by_name_lists_a_runs_tasks_only() {
         .get(&format!("/api/v1/tasks?name={}", "n".repeat(1025)))
         .await;
     assert_eq!(status, 422, "{v}");
+
+    // `tether watch --name` follows a run to its end: the other runs' tasks completed by a
+    // worker, nightly-42's last two cancelled meanwhile.
+    let watch = |name: &str| {
+        let args = ["watch", "--coordinator", &base, "--name", name];
+        tether_output(args.map(str::to_owned).to_vec())
+    };
+    let following = tokio::spawn(watch("nightly-42"));
+    let (first, last) = (&ids["nightly-42"][0], &ids["nightly-42"][2]);
+    let out = tether_output(
+        ["cancel", "--coordinator", &base, first, last]
+            .map(str::to_owned)
+            .to_vec(),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = tether_testkit::fast_worker_config(&coord.ws_url(), "w1");
+    let worker = tether_testkit::spawn_worker(cfg, tether_worker::Executors::builtin());
+    let run = watch("nightly-43").await;
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "all completed: {err}");
+    assert!(
+        err.contains("following the 1 tasks named \"nightly-43\""),
+        "{err}"
+    );
+    let run = following.await.expect("joined");
+    assert_eq!(run.status.code(), Some(1), "all ended, not all completed");
+    let said = String::from_utf8_lossy(&run.stdout);
+    for id in &ids["nightly-42"] {
+        assert!(said.contains(id.as_str()), "{id}: {said}");
+    }
+    let run = watch("nightly-44").await;
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("no task named \"nightly-44\" at this coordinator"),
+        "{err}"
+    );
+    worker.stop().await.expect("the worker stops");
     coord.stop().await;
 }
 

@@ -124,7 +124,7 @@ fn parse_require(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
-fn parse_name(s: &str) -> Result<String, String> {
+pub(crate) fn parse_name(s: &str) -> Result<String, String> {
     api_check(|spec| spec.name = Some(s.to_owned()))?;
     Ok(s.to_owned())
 }
@@ -640,11 +640,7 @@ pub async fn tasks(a: TasksArgs) -> anyhow::Result<()> {
 /// nothing is asked (a lone `&` ended the URL that errors quote).
 fn tasks_query(status: Option<&str>, name: Option<&str>, newest: bool) -> String {
     let status = status.map(|s| format!("status={s}"));
-    // Any text: encoded as a form value (`&`, `=`, `+` and spaces kept what they are).
-    let name = name.map(|n| {
-        let encoded: String = url::form_urlencoded::byte_serialize(n.as_bytes()).collect();
-        format!("name={encoded}")
-    });
+    let name = name.map(name_param);
     let order = newest.then(|| "order=newest".to_owned());
     status
         .into_iter()
@@ -652,6 +648,13 @@ fn tasks_query(status: Option<&str>, name: Option<&str>, newest: bool) -> String
         .chain(order)
         .collect::<Vec<_>>()
         .join("&")
+}
+
+/// A listing's `name=` parameter: any text, encoded as a form value (`&`, `=`, `+` and spaces
+/// kept what they are).
+pub(crate) fn name_param(name: &str) -> String {
+    let encoded: String = url::form_urlencoded::byte_serialize(name.as_bytes()).collect();
+    format!("name={encoded}")
 }
 
 /// The path of one page of at most `limit` tasks with `query` ([`tasks_query`]).

@@ -15,11 +15,11 @@ use tether_proto::TaskSpec;
 mod commands;
 mod table;
 
-pub(crate) use commands::away_lines;
 pub use commands::{
     CheckpointArgs, ControlArgs, DrainArgs, RetryArgs, SubmitArgs, TaskArgs, TasksArgs,
     UndrainArgs, checkpoint, control, drain, retry, submit, task, tasks, undrain, workers,
 };
+pub(crate) use commands::{away_lines, name_param, parse_name};
 pub(crate) use table::shown;
 
 /// Default coordinator address for client commands.
