@@ -83,6 +83,7 @@ async fn a_worker_process_serves_its_metrics_when_asked() {
     assert_eq!(value(wm::OUTBOX_DEPTH, &[]), 0.0);
     assert_eq!(value(wm::TASKS, &[("state", "running")]), 0.0);
     assert!(value(wm::STABILITY, &[]) > 0.0);
+    assert_eq!(value(wm::DRAINED, &[]), 0.0);
     for line in text.lines() {
         if let Some(name) = line
             .strip_prefix("# TYPE ")
@@ -90,6 +91,25 @@ async fn a_worker_process_serves_its_metrics_when_asked() {
         {
             assert!(text.contains(&format!("# HELP {name} ")), "{name} has help");
         }
+    }
+    // Drained by an operator, the worker says so within a heartbeat, and undrained again.
+    for (action, want) in [("drain", 1.0), ("undrain", 0.0)] {
+        let (status, v) = client
+            .post(
+                &format!("/api/v1/workers/mw1/{action}"),
+                &serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        wait_for(
+            &format!("the gauge after the {action}"),
+            DEADLINE,
+            || async {
+                let text = scrape(&url).await?;
+                (metric_value(&text, wm::DRAINED, &[])? == want).then_some(())
+            },
+        )
+        .await;
     }
     c.stop().await;
 }
