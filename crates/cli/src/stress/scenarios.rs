@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures_util::StreamExt as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tether_faultproxy::{Direction, Fault, FaultKind};
@@ -88,6 +89,10 @@ struct Drained {
 /// How often steady_load reads the workers it drained, until each holds no task: the
 /// resolution of its drain-to-idle figure.
 pub(super) const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// Requests steady_load has in flight at once to drain workers or read the drained ones: a
+/// fleet of 10,000 drains 500 a second with the default churn.
+const DRAIN_REQUESTS_AT_ONCE: usize = 16;
 
 /// How steady_load's workers leave, a way each churn tick in turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,7 +253,6 @@ impl Crash {
     /// a later attempt's, or the task ended) has no step; one whose bytes are not what its
     /// task wrote at that step is `foreign`.
     async fn read_steps(&mut self, api: &crate::client::Api) -> anyhow::Result<()> {
-        use futures_util::StreamExt;
         let head = super::fleet::MIN_STEP_CHECKPOINT;
         let reads = self
             .held
@@ -656,19 +660,26 @@ impl Run {
 
     /// Drains `ids` through the API, each recorded with the moment its answer came.
     async fn drain(&mut self, ids: Vec<String>) -> anyhow::Result<()> {
-        for id in ids {
-            let w = self
-                .api
-                .post(&format!("/api/v1/workers/{id}/drain"), &json!({}))
-                .await
-                .with_context(|| format!("draining worker {id}"))?;
-            self.drains.push(Drained {
-                worker: id,
-                at: chrono::Utc::now(),
-                since: Instant::now(),
-                held: w["leases"].as_array().map_or(0, |l| l.len() as u64),
-                idle_after: None,
-            });
+        let api = &self.api;
+        let drained: Vec<anyhow::Result<Drained>> = futures_util::stream::iter(ids)
+            .map(|id| async move {
+                let w = api
+                    .post(&format!("/api/v1/workers/{id}/drain"), &json!({}))
+                    .await
+                    .with_context(|| format!("draining worker {id}"))?;
+                Ok(Drained {
+                    worker: id,
+                    at: chrono::Utc::now(),
+                    since: Instant::now(),
+                    held: w["leases"].as_array().map_or(0, |l| l.len() as u64),
+                    idle_after: None,
+                })
+            })
+            .buffered(DRAIN_REQUESTS_AT_ONCE)
+            .collect()
+            .await;
+        for d in drained {
+            self.drains.push(d?);
         }
         Ok(())
     }
@@ -694,7 +705,10 @@ impl Run {
             let api = &self.api;
             async move { api.get(&path).await }
         });
-        let read = futures_util::future::join_all(reads).await;
+        let read: Vec<_> = futures_util::stream::iter(reads)
+            .buffered(DRAIN_REQUESTS_AT_ONCE)
+            .collect()
+            .await;
         let mut stop = Vec::new();
         let mut left = Vec::new();
         for (&i, w) in pending.iter().zip(read) {
