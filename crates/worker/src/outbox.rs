@@ -142,6 +142,9 @@ struct Inner {
     /// Held checkpoint announcements and pieces: an attempt's result acknowledged while there
     /// are none (nearly always) looks through no entries for them.
     checkpoints: usize,
+    /// Entries removed so far (acknowledged, withdrawn, replaced): what is held at or below a
+    /// sequence number already handed out changes only with it ([`Outbox::removed`]).
+    removed: u64,
 }
 
 /// How many attempts whose results were acknowledged the outbox remembers, to hold no more of
@@ -945,6 +948,12 @@ impl Outbox {
             .map(Seq)
     }
 
+    /// How many entries were removed so far: [`Outbox::holds_through`] of a sequence number
+    /// already handed out can change only when this does (new entries are numbered past it).
+    pub fn removed(&self) -> u64 {
+        self.lock().removed
+    }
+
     /// Whether something other than telemetry is held at or below `through`.
     pub fn holds_through(&self, through: Seq) -> bool {
         self.lock()
@@ -1096,6 +1105,7 @@ impl Inner {
     /// Removes an entry; the message if it was held.
     fn remove(&mut self, seq: u64) -> Option<std::sync::Arc<WorkerMsg>> {
         let e = self.entries.remove(&seq)?;
+        self.removed += 1;
         self.checkpoints -= usize::from(checkpoint_of(&e.msg).is_some());
         if !e.sent {
             let unsent = &mut self.unsent[e.class as usize];
@@ -1291,11 +1301,20 @@ mod tests {
         let data = piece(&ob, "a", "c-1", 0);
         let report = telemetry(&ob);
         assert!(ob.holds_through(announced) && ob.holds_through(data));
+        // The session checks again only when something left: pushes count nothing.
+        assert_eq!(ob.removed(), 0);
         assert!(ob.ack(announced));
+        assert_eq!(ob.removed(), 1);
         assert!(!ob.holds_through(announced), "only a later message held");
         assert!(ob.holds_through(report), "the piece below the telemetry");
+        telemetry(&ob);
         assert!(ob.ack(data));
         assert!(!ob.holds_through(report), "telemetry alone");
+        assert_eq!(
+            ob.removed(),
+            3,
+            "two acks and the report replaced by the next"
+        );
     }
 
     /// task's and everything else stay.

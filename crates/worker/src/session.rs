@@ -400,6 +400,11 @@ pub(crate) struct Session<'a> {
     /// A message the coordinator answered `bad_frame` naming its `seq`: sent again at the next
     /// tick of the duties if no ack (a refusal) has taken it out of the outbox by then.
     suspect: Option<u64>,
+    /// The outbox's removal count ([`crate::outbox::Outbox::removed`]) when the tasks
+    /// reported lost were last checked against it ([`Self::settle_lost`]): what it holds at or
+    /// below the replay changes only with a removal, so a frame that removed nothing is not
+    /// checked again.
+    lost_checked: Option<u64>,
 }
 
 impl<'a> Session<'a> {
@@ -447,6 +452,7 @@ impl<'a> Session<'a> {
             stop: CancellationToken::new(),
             tasks_told: false,
             resent_at: None,
+            lost_checked: None,
             suspect: None,
         }
     }
@@ -1051,12 +1057,20 @@ impl<'a> Session<'a> {
     /// the next registration instead of sending the dead attempt back as if still running.
     fn settle_lost(&mut self) {
         let agent = &mut *self.agent;
-        if agent.lost.is_empty()
-            || agent
-                .lost_through
-                .is_some_and(|through| agent.outbox.holds_through(through))
-        {
+        if agent.lost.is_empty() {
             return;
+        }
+        if let Some(through) = agent.lost_through {
+            // Entries are numbered past `through` once it is set: only a removal can end what
+            // is held at or below it. One pass over the outbox a removal, not a frame.
+            let removed = agent.outbox.removed();
+            if self.lost_checked == Some(removed) {
+                return;
+            }
+            self.lost_checked = Some(removed);
+            if agent.outbox.holds_through(through) {
+                return;
+            }
         }
         tracing::info!(worker = %agent.cfg.worker_id, tasks = agent.lost.len(), through = ?agent.lost_through.map(|s| s.0), "the coordinator has the tasks that died with the previous process and what that process sent; no longer reported lost");
         agent.lost.clear();
