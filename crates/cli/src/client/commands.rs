@@ -1419,14 +1419,12 @@ pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
     let ids = each_once(a.ids.iter().map(|id| id.as_str()));
     let json = a.common.json;
+    let api = &api;
     let mut answers = futures_util::stream::iter(ids.iter().copied())
-        .map(|id| control_one(&api, id, action, json))
+        .map(|id| async move { (id, control_one(api, id, action, json).await) })
         .buffered(CONTROLS_AT_ONCE);
     let mut refused = Vec::new();
-    let mut at = 0;
-    while let Some(answer) = answers.next().await {
-        let id = ids[at];
-        at += 1;
+    while let Some((id, answer)) = answers.next().await {
         match answer {
             Ok((line, note)) => {
                 outln!("{line}")?;
@@ -1434,21 +1432,10 @@ pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
                     eprintln!("{note}");
                 }
             }
-            Err(e) if ids.len() == 1 => return Err(e),
-            Err(e) => {
-                eprintln!("task {id}: {e:#}");
-                refused.push(id);
-            }
+            Err(e) => refused.push((id.to_owned(), e)),
         }
     }
-    match refused.first() {
-        None => Ok(()),
-        Some(first) => bail!(
-            "{} of {} tasks refused the {action} (first {first}; each said above)",
-            refused.len(),
-            ids.len()
-        ),
-    }
+    refused_of(refused, ids.len(), "task", &format!("refused the {action}"))
 }
 
 /// One task's control: the line to print of its answer (`ID STATUS`, or its JSON), and for a
@@ -1549,11 +1536,13 @@ async fn worker_actions<'a>(
         .await
 }
 
-/// Ends a command on several workers or tasks: an error naming how many of `of` were refused
-/// (each said on stderr before), or for one (`of` 1) its own error.
+/// Ends a command on several tasks or workers (`noun`): each refusal said on stderr, then an
+/// error naming how many of `of` were refused and `what` befell them; for one id (`of` 1),
+/// its own error.
 fn refused_of(
     mut refused: Vec<(String, anyhow::Error)>,
     of: usize,
+    noun: &str,
     what: &str,
 ) -> anyhow::Result<()> {
     if of == 1
@@ -1562,12 +1551,12 @@ fn refused_of(
         return Err(e);
     }
     for (id, e) in &refused {
-        eprintln!("worker {id}: {e:#}");
+        eprintln!("{noun} {id}: {e:#}");
     }
     match refused.first() {
         None => Ok(()),
         Some((first, _)) => bail!(
-            "{} of {of} workers {what} (first {first}; each said above)",
+            "{} of {of} {noun}s {what} (first {first}; each said above)",
             refused.len()
         ),
     }
@@ -1617,7 +1606,7 @@ pub async fn drain(a: DrainArgs) -> anyhow::Result<()> {
         Some(_) => "not drained, or not emptied in the wait",
         None => "not drained",
     };
-    refused_of(refused, ids.len(), what)
+    refused_of(refused, ids.len(), "worker", what)
 }
 
 /// `tether drain --wait`: reads each drained worker (`waiting`, with its last record) until it
@@ -1699,7 +1688,7 @@ pub async fn undrain(a: UndrainArgs) -> anyhow::Result<()> {
             Err(e) => refused.push((id.to_owned(), e)),
         }
     }
-    refused_of(refused, ids.len(), "not undrained")
+    refused_of(refused, ids.len(), "worker", "not undrained")
 }
 
 /// An answer 404 about worker `id` said as such.
