@@ -220,6 +220,13 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
             json!([named.as_str()]),
         )
         .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#tasks tbody tr td.name')?.textContent ?? null")
+            .await,
+        json!("nightly-42"),
+        "its name in its row"
+    );
 
     w1.stop().await.expect("stop w1");
     w2.stop().await.expect("stop w2");

@@ -298,6 +298,7 @@ function renderTasks() {
     const tr = el("tr", { "data-task": t.task_id, "data-status": t.status, class: t.task_id === state.selected ? "selected" : "" },
       el("td", { title: t.task_id }, el("code", {}, t.task_id.slice(0, 8))),
       el("td", {}, t.spec.kind),
+      el("td", { class: "name", title: t.spec.name || "" }, t.spec.name || ""),
       el("td", {}, badge(t.status)),
       el("td", {}, t.attempt),
       el("td", {}, t.lease?.worker || last?.worker || ""),
