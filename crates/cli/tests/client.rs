@@ -442,6 +442,46 @@ async fn tasks_by_name_lists_a_runs_tasks_only() {
         .await;
     assert_eq!(status, 422, "{v}");
 
+    // A run from a file: --name names every task of it; one the file names otherwise is
+    // refused before any request.
+    let file = dir.path().join("run.json");
+    let spec = |name: Option<&str>| {
+        let mut s = json!({"kind": "sleep", "config": {"ms": 1}});
+        if let Some(n) = name {
+            s["name"] = json!(n);
+        }
+        s
+    };
+    let from_file = |name: &str| {
+        let args = ["submit", "--coordinator", &base, "--name", name, "--file"];
+        let mut args: Vec<String> = args.map(str::to_owned).to_vec();
+        args.push(file.display().to_string());
+        tether_output(args)
+    };
+    let two = json!({"tasks": [spec(None), spec(Some("nightly-45"))]});
+    std::fs::write(&file, two.to_string()).expect("write the file");
+    let out = from_file("nightly-45").await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let made: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(listed(&["--name", "nightly-45"]).await, made);
+    std::fs::write(&file, spec(Some("other")).to_string()).expect("write the file");
+    let out = from_file("nightly-45").await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("task 0 is named \"other\""), "{err}");
+    assert_eq!(
+        listed(&["--name", "nightly-45"]).await.len(),
+        2,
+        "nothing sent"
+    );
+
     // `tether watch --name` follows a run to its end: the other runs' tasks completed by a
     // worker, nightly-42's last two cancelled meanwhile.
     let watch = |name: &str| {

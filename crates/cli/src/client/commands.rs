@@ -33,9 +33,10 @@ pub struct SubmitArgs {
     )]
     max_attempts: Option<u32>,
     /// A label shown in listings, and a run's handle: `tether tasks --name` lists the tasks
-    /// submitted under it. At most 1024 bytes (the API's limit, checked as the arguments are
-    /// read).
-    #[arg(long, value_parser = parse_name, conflicts_with = "file")]
+    /// submitted under it, `tether watch --name` follows them. With `--file`, every task of the
+    /// file gets it (one the file names otherwise is refused). At most 1024 bytes (the API's
+    /// limit, checked as the arguments are read).
+    #[arg(long, value_parser = parse_name)]
     name: Option<String>,
     /// The task's id (default: one the coordinator makes). While the coordinator keeps the task
     /// (a `--retention` removes ended ones), the id names it: a submission sent again with the
@@ -149,7 +150,7 @@ impl SubmitArgs {
     /// the submission, which says so.
     pub(crate) fn check(&self) -> Result<(), String> {
         if let Some(f) = &self.file {
-            return check_file(f);
+            return check_file(f, self.name.as_deref());
         }
         // One key given two values: the last was kept in silence.
         crate::one_value_a_key("--tag", &self.tags, "a task carries one value a key")?;
@@ -183,8 +184,8 @@ impl SubmitArgs {
     }
 }
 
-/// `--file`'s checks ([`SubmitArgs::check`]).
-fn check_file(f: &std::path::Path) -> Result<(), String> {
+/// `--file`'s checks ([`SubmitArgs::check`]), with the `--name` given for all its tasks.
+fn check_file(f: &std::path::Path, name: Option<&str>) -> Result<(), String> {
     // One that cannot be read or is not JSON is said as the submission reads it.
     let Some(v) = std::fs::read_to_string(f)
         .ok()
@@ -207,6 +208,15 @@ fn check_file(f: &std::path::Path) -> Result<(), String> {
     // built-in executor's of its config (a kind it does not know is left to it).
     let check = crate::run::builtin_config_check();
     for (i, spec) in specs.iter().enumerate() {
+        if let (Some(name), Some(own)) = (name, &spec.name)
+            && own != name
+        {
+            return Err(format!(
+                "--file {shown}: task {i} is named {:?}, and --name {name:?} names every task of \
+                 the file: leave out one or the other",
+                crate::cut_value(own)
+            ));
+        }
         spec.validate()
             .map_err(|e| format!("--file {shown}: task {i}: {e}"))?;
         if let Some(Err(why)) = (check.0)(&spec.kind, spec.config.get()) {
@@ -217,6 +227,23 @@ fn check_file(f: &std::path::Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A `--file` document (one spec, or `{"tasks": [specs]}`) with `name` set on each spec that
+/// is an object (another name was refused by the checks; anything else is left for the
+/// coordinator to refuse, as written).
+fn named_specs(mut doc: Value, name: &str) -> Value {
+    let name_it = |spec: &mut Value| {
+        if let Some(fields) = spec.as_object_mut() {
+            fields.insert("name".to_owned(), json!(name));
+        }
+    };
+    match doc.get_mut("tasks") {
+        Some(Value::Array(specs)) => specs.iter_mut().for_each(name_it),
+        Some(_) => {}
+        None => name_it(&mut doc),
+    }
+    doc
 }
 
 /// The config of a `command` task from the flags: a command line after `--` or a `--shell`
@@ -343,7 +370,14 @@ async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
                 Some(tasks) => tasks.as_array().map_or(0, Vec::len),
                 None => 1,
             };
-            (bytes::Bytes::from(text), sent)
+            match &a.name {
+                // Every spec named: the document made over (its syntax was checked above).
+                Some(name) => {
+                    let body = serde_json::to_vec(&named_specs(v, name))?;
+                    (bytes::Bytes::from(body), sent)
+                }
+                None => (bytes::Bytes::from(text), sent),
+            }
         }
         None => {
             let body = json!({ "tasks": [command_spec(a)?] });
@@ -2120,7 +2154,6 @@ mod tests {
             &["--require", "cuda"],
             &["--timeout", "10m"],
             &["--max-attempts", "3"],
-            &["--name", "bench"],
             &["--id", "nightly-1"],
             &["--tag", "os=linux"],
             &["--env", "A=1"],
@@ -2137,9 +2170,11 @@ mod tests {
             .err()
             .expect("--file with a command is refused");
         assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{e}");
-        // What does go with a file: the defaults, --watch and the client's own flags.
-        let a = submit_args(&["--file", "t.json", "--watch", "--json"]).expect("parsed");
-        assert!(a.watch && a.file.is_some());
+        // What does go with a file: the defaults, --watch, --name (a run's, for every task of
+        // the file) and the client's own flags.
+        let a =
+            submit_args(&["--file", "t.json", "--watch", "--json", "--name", "r"]).expect("parsed");
+        assert!(a.watch && a.file.is_some() && a.name.as_deref() == Some("r"));
         let a = submit_args(&[]).expect("parsed");
         let e = command_spec(&a).expect_err("nothing to run");
         assert!(e.to_string().contains("give a command"), "{e}");
