@@ -476,6 +476,14 @@ async fn tasks_by_name_lists_a_runs_tasks_only() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("task 0 is named \"other\""), "{err}");
+    // Made over to be named, a file's lines are gone by the time the coordinator reads it: a
+    // spec it would refuse is said here, where in the file.
+    let bad = "{\"tasks\": [\n  {\"kind\": \"sleep\",\n   \"priority\": \"x\"}]}";
+    std::fs::write(&file, bad).expect("write the file");
+    let out = from_file("nightly-45").await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("line 3"), "{err}");
     assert_eq!(
         listed(&["--name", "nightly-45"]).await.len(),
         2,

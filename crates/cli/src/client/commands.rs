@@ -187,22 +187,27 @@ impl SubmitArgs {
 /// `--file`'s checks ([`SubmitArgs::check`]), with the `--name` given for all its tasks.
 fn check_file(f: &std::path::Path, name: Option<&str>) -> Result<(), String> {
     // One that cannot be read or is not JSON is said as the submission reads it.
-    let Some(v) = std::fs::read_to_string(f)
-        .ok()
-        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-    else {
+    let Some((text, v)) = std::fs::read_to_string(f).ok().and_then(|text| {
+        let v = serde_json::from_str::<Value>(&text).ok()?;
+        Some((text, v))
+    }) else {
         return Ok(());
     };
     let shown = crate::cut_value(&f.display().to_string()).into_owned();
-    let specs: Vec<TaskSpec> = match v.get("tasks") {
-        Some(tasks) => match serde_json::from_value(tasks.clone()) {
-            Ok(specs) => specs,
-            Err(_) => return Ok(()),
-        },
-        None => match serde_json::from_value(v) {
-            Ok(spec) => vec![spec],
-            Err(_) => return Ok(()),
-        },
+    #[derive(serde::Deserialize)]
+    struct Many {
+        tasks: Vec<TaskSpec>,
+    }
+    let specs = match v.get("tasks") {
+        Some(_) => serde_json::from_str::<Many>(&text).map(|m| m.tasks),
+        None => serde_json::from_str::<TaskSpec>(&text).map(|s| vec![s]),
+    };
+    let specs = match (specs, name) {
+        (Ok(specs), _) => specs,
+        // Left to the coordinator, which says where in the file, as the file is sent as
+        // written; but one sent with --name is made over, its lines gone: said here.
+        (Err(_), None) => return Ok(()),
+        (Err(e), Some(_)) => return Err(format!("--file {shown}: {e}")),
     };
     // The coordinator's two checks, in its order and words: the spec's rules, then the
     // built-in executor's of its config (a kind it does not know is left to it).
