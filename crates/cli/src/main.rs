@@ -73,8 +73,8 @@ enum Cmd {
         #[arg(value_name = "WORKER_ID")]
         id: Option<tether_proto::WorkerId>,
     },
-    /// Cancel tasks (one or several ids; each answer printed in the order given, a refusal said
-    /// and the others cancelled all the same).
+    /// Cancel tasks (one or several ids, or a run's with `--name`; each answer printed in the
+    /// order given, a refusal said and the others cancelled all the same).
     Cancel(client::ControlArgs),
     /// Pause tasks: a running one stops at its next pause point; a queued one is held. It stays
     /// paused, wherever it is, until resumed.

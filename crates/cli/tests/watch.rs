@@ -545,6 +545,59 @@ async fn a_control_of_several_tasks_acts_on_each_in_order_and_says_each_refusal(
     assert!(err.contains("task b:"), "{err}");
 }
 
+/// A run's tasks controlled by its name: each action takes those of the name it applies to
+/// (pause the queued and running, resume the paused, cancel every one not ended), a task
+/// already ended is left alone, a run with nothing left to act on says so and succeeds, and a
+/// name no task has is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_of_a_run_by_its_name_takes_the_tasks_it_applies_to() {
+    let site = Site::new();
+    let _coord = site.coordinator().await;
+    // No worker: every task stays queued.
+    for id in ["r-1", "r-2", "r-3", "other"] {
+        let name = if id == "other" { "run-9" } else { "run-7" };
+        let spec = json!({"task_id": id, "kind": "sleep", "config": {"ms": 1000}, "name": name});
+        submit_spec(&site.http, &site.base, spec).await;
+    }
+    let run = |args: &[&str]| client(&site.base, args);
+    let (ok, _, err) = run(&["cancel", "r-2"]);
+    assert!(ok, "{err}");
+    let lines = |out: &str| {
+        let mut l: Vec<String> = out.lines().map(str::to_owned).collect();
+        l.sort();
+        l
+    };
+    let (ok, out, err) = run(&["pause", "--name", "run-7"]);
+    assert!(ok, "{err}");
+    assert_eq!(lines(&out), ["r-1 paused", "r-3 paused"]);
+    let (ok, out, err) = run(&["resume", "--name", "run-7"]);
+    assert!(ok, "{err}");
+    assert_eq!(lines(&out), ["r-1 queued", "r-3 queued"]);
+    let (ok, out, err) = run(&["cancel", "--name", "run-7"]);
+    assert!(ok, "{err}");
+    assert_eq!(lines(&out), ["r-1 cancelled", "r-3 cancelled"]);
+    let (ok, out, err) = run(&["cancel", "--name", "run-7"]);
+    assert!(ok, "{out} {err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains(
+            "none of the 3 tasks named \"run-7\" is queued or running or paused: nothing to cancel"
+        ),
+        "{err}"
+    );
+    let (_, out, _) = run(&["task", "other", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["task"]["status"], "queued", "another run untouched: {v}");
+    let (ok, _, err) = run(&["cancel", "--name", "run-8"]);
+    assert!(!ok);
+    assert!(
+        err.contains("no task named \"run-8\" at this coordinator"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["cancel", "--name", "run-7", "r-1"]);
+    assert!(!ok, "ids and --name are one or the other: {err}");
+}
+
 /// The result a cancelled running task sends is kept, not counted: `tether task` says why
 /// (its attempt was cancelled), and the coordinator counts it apart from the stale results of
 /// lost leases, which are a sign of a fault.

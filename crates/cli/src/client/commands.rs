@@ -1437,8 +1437,50 @@ pub struct ControlArgs {
     /// Task ids, each checked against the id rules before any request: an id such as
     /// `x/../other` would otherwise be resolved by the URL into another task's. An id given
     /// twice is acted on once.
-    #[arg(required = true, value_name = "TASK_ID")]
+    #[arg(required_unless_present = "name", value_name = "TASK_ID")]
     ids: Vec<tether_proto::TaskId>,
+    /// Instead of ids, a run's tasks: those submitted under this name that the action applies
+    /// to (to cancel, every one not ended; to pause, the queued and running; to resume, the
+    /// paused).
+    #[arg(long, value_parser = parse_name, conflicts_with = "ids")]
+    name: Option<String>,
+}
+
+/// The statuses of the tasks an action applies to, for `--name`.
+fn acted_on(action: &str) -> &'static [&'static str] {
+    match action {
+        "pause" => &["queued", "running"],
+        "resume" => &["paused"],
+        _ => &["queued", "running", "paused"],
+    }
+}
+
+/// The ids of the tasks submitted under `name` in a status `action` applies to, read page by
+/// page; an error if no task has the name (a mistyped name is not a run with nothing to do).
+async fn run_to_act_on(api: &Api, name: &str, action: &str) -> anyhow::Result<Vec<String>> {
+    let query = name_param(name);
+    let mut pages = TaskPages::new(api, &query, 1000);
+    let (mut ids, mut named) = (Vec::new(), 0);
+    while let Some(page) = pages.next().await? {
+        named += page.len();
+        ids.extend(
+            page.iter()
+                .filter(|t| acted_on(action).contains(&t["status"].as_str().unwrap_or_default()))
+                .filter_map(|t| t["task_id"].as_str().map(str::to_owned)),
+        );
+    }
+    if named == 0 {
+        bail!(
+            "no task named {name:?} at this coordinator (`tether tasks --name` lists a run's tasks)"
+        );
+    }
+    if ids.is_empty() {
+        eprintln!(
+            "none of the {named} tasks named {name:?} is {}: nothing to {action}",
+            acted_on(action).join(" or ")
+        );
+    }
+    Ok(ids)
 }
 
 /// Requests in flight at once when a command acts on many tasks or workers: the answers are
@@ -1456,7 +1498,12 @@ fn each_once<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
 /// ended) is said on stderr and the others go on; the command then fails, naming how many.
 pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
-    let ids = each_once(a.ids.iter().map(|id| id.as_str()));
+    let of_run = match &a.name {
+        Some(name) => run_to_act_on(&api, name, action).await?,
+        None => Vec::new(),
+    };
+    let given = a.ids.iter().map(|id| id.as_str());
+    let ids = each_once(given.chain(of_run.iter().map(String::as_str)));
     let json = a.common.json;
     let api = &api;
     let mut answers = futures_util::stream::iter(ids.iter().copied())
@@ -1470,6 +1517,14 @@ pub async fn control(a: ControlArgs, action: &str) -> anyhow::Result<()> {
                 if let Some(note) = note {
                     eprintln!("{note}");
                 }
+            }
+            // A run's task that moved on between the listing and the request (ended, or
+            // resumed): said, and no failure of the run's control.
+            Err(e)
+                if a.name.is_some()
+                    && e.downcast_ref::<Refused>().is_some_and(|r| r.status == 409) =>
+            {
+                eprintln!("task {id}: {e:#} (it changed since the run was listed)");
             }
             Err(e) => refused.push((id.to_owned(), e)),
         }
