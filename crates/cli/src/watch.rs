@@ -106,25 +106,12 @@ pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
     judge(&api, watch).await
 }
 
-/// The ids of the tasks submitted under `name`, read page by page; none is an error (a name
-/// mistyped would otherwise be a run that ended at once, all completed).
+/// The ids of the tasks submitted under `name`; none is an error
+/// ([`crate::client::tasks_named`]).
 async fn run_tasks(api: &Api, name: &str) -> anyhow::Result<BTreeSet<String>> {
-    let query = crate::client::name_param(name);
-    let mut pages = TaskPages::new(api, &query, PAGE);
-    let mut ids = BTreeSet::new();
-    while let Some(page) = pages.next().await? {
-        ids.extend(
-            page.iter()
-                .filter_map(|t| t["task_id"].as_str().map(str::to_owned)),
-        );
-    }
-    if ids.is_empty() {
-        anyhow::bail!(
-            "no task named {name:?} at this coordinator (`tether tasks --name` lists a run's tasks)"
-        );
-    }
+    let (ids, _) = crate::client::tasks_named(api, name, |_| true).await?;
     eprintln!("following the {} tasks named {name:?}", ids.len());
-    Ok(ids)
+    Ok(ids.into_iter().collect())
 }
 
 /// Why a watch could not tell how its tasks ended (interrupted, unreachable, refused): exit

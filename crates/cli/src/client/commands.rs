@@ -1455,9 +1455,28 @@ fn acted_on(action: &str) -> &'static [&'static str] {
     }
 }
 
-/// The ids of the tasks submitted under `name` in a status `action` applies to, read page by
-/// page; an error if no task has the name (a mistyped name is not a run with nothing to do).
+/// The ids of the tasks submitted under `name` in a status `action` applies to; an error if
+/// no task has the name (a mistyped name is not a run with nothing to do).
 async fn run_to_act_on(api: &Api, name: &str, action: &str) -> anyhow::Result<Vec<String>> {
+    let applies = |t: &Value| acted_on(action).contains(&t["status"].as_str().unwrap_or_default());
+    let (ids, named) = tasks_named(api, name, applies).await?;
+    if ids.is_empty() {
+        eprintln!(
+            "none of the {named} tasks named {name:?} is {}: nothing to {action}",
+            acted_on(action).join(" or ")
+        );
+    }
+    Ok(ids)
+}
+
+/// The ids of the tasks submitted under `name` that `keep` keeps, read page by page, and how
+/// many have the name; an error if none has (`tether watch --name` and the controls of a run:
+/// a mistyped name would otherwise be a run with nothing to do, which passed).
+pub(crate) async fn tasks_named(
+    api: &Api,
+    name: &str,
+    keep: impl Fn(&Value) -> bool,
+) -> anyhow::Result<(Vec<String>, usize)> {
     let query = name_param(name);
     let mut pages = TaskPages::new(api, &query, 1000);
     let (mut ids, mut named) = (Vec::new(), 0);
@@ -1465,7 +1484,7 @@ async fn run_to_act_on(api: &Api, name: &str, action: &str) -> anyhow::Result<Ve
         named += page.len();
         ids.extend(
             page.iter()
-                .filter(|t| acted_on(action).contains(&t["status"].as_str().unwrap_or_default()))
+                .filter(|t| keep(t))
                 .filter_map(|t| t["task_id"].as_str().map(str::to_owned)),
         );
     }
@@ -1474,13 +1493,7 @@ async fn run_to_act_on(api: &Api, name: &str, action: &str) -> anyhow::Result<Ve
             "no task named {name:?} at this coordinator (`tether tasks --name` lists a run's tasks)"
         );
     }
-    if ids.is_empty() {
-        eprintln!(
-            "none of the {named} tasks named {name:?} is {}: nothing to {action}",
-            acted_on(action).join(" or ")
-        );
-    }
-    Ok(ids)
+    Ok((ids, named))
 }
 
 /// Requests in flight at once when a command acts on many tasks or workers: the answers are
