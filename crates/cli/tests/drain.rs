@@ -259,6 +259,60 @@ async fn drain_and_undrain_of_several_workers_act_on_each_and_wait_for_all() {
     c.stop().await;
 }
 
+/// A run's failures run again as a run of their own: `tether retry --of RUN --name NEW` takes
+/// the tasks of RUN that ended without completing (not the completed), names the new ones NEW,
+/// and `tether watch --name NEW` follows them to their end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_of_a_run_submits_its_unfinished_tasks_again_as_a_new_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = spawn_coordinator(dir.path().join("c")).await;
+    let base = format!("http://{}", c.addr);
+    let client = c.client();
+    let w = worker(&c, "w1");
+    w.wait_state(|s| s == ConnState::Connected).await;
+    let ok = dir.path().join("ok");
+    let named = |shell: &str| {
+        let config = serde_json::json!({"shell": shell, "env": {"OK": ok}});
+        let mut spec = TaskSpec::new("command", config);
+        spec.max_attempts = Some(1);
+        spec.name = Some("run-1".into());
+        spec
+    };
+    let tasks = client
+        .submit(&[named(r#"[ -e "$OK" ]"#), named("true")])
+        .await;
+    client.wait_status(&tasks[0], "failed").await;
+    client.wait_status(&tasks[1], "completed").await;
+
+    std::fs::write(&ok, b"").expect("the file it needs");
+    let (code, out, err) = tether(&base, &["retry", "--of", "run-1", "--name", "run-1-r1"]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "the failed one only: {out}");
+    assert!(
+        lines[0].ends_with(&format!(" (retry of {})", tasks[0])),
+        "{out}"
+    );
+    let (code, out, err) = tether(&base, &["watch", "--name", "run-1-r1"]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let (code, out, _) = tether(&base, &["tasks", "--name", "run-1", "--json"]).await;
+    assert_eq!(code, Some(0));
+    let run: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        run.as_array().map(Vec::len),
+        Some(2),
+        "the first run as it was: {run}"
+    );
+    let (code, _, err) = tether(&base, &["retry", "--of", "run-1-r1"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("nothing to retry"), "{err}");
+    let (code, _, err) = tether(&base, &["retry", "--of", "run-2"]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no task named \"run-2\""), "{err}");
+    w.stop().await.expect("w1 stops");
+    c.stop().await;
+}
+
 /// `tether retry` submits an ended task's spec again as a new task, and `--watch` follows it:
 /// a task that failed for want of a file completes once the file is there. A task not ended
 /// is refused, and nothing is submitted.

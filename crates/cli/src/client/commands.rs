@@ -447,8 +447,16 @@ pub struct RetryArgs {
     common: CommonArgs,
     /// Ids of ended tasks (completed, failed, timed out or cancelled), each checked against the
     /// id rules before any request.
-    #[arg(required = true, value_name = "TASK_ID")]
+    #[arg(required_unless_present = "of", value_name = "TASK_ID")]
     ids: Vec<tether_proto::TaskId>,
+    /// Instead of ids, a run's tasks that ended without completing (failed, timed out or
+    /// cancelled): those submitted under this name.
+    #[arg(long, value_name = "RUN", value_parser = parse_name, conflicts_with = "ids")]
+    of: Option<String>,
+    /// The name of the new tasks, a run of their own (e.g. `nightly-42-r1`, followed with
+    /// `tether watch --name`); by default each keeps the name it had.
+    #[arg(long, value_parser = parse_name)]
+    name: Option<String>,
     /// Then follow the new tasks until each has ended, as `tether watch` does (exit 0 only if
     /// all completed).
     #[arg(long)]
@@ -485,9 +493,26 @@ fn spec_to_retry(t: &Value) -> anyhow::Result<Value> {
 /// `NEW_ID (retry of OLD_ID)`, then, with `--watch`, followed to their end.
 pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
+    let given: Vec<String> = match &a.of {
+        Some(run) => {
+            let unfinished = |t: &Value| {
+                ["failed", "timed_out", "cancelled"]
+                    .contains(&t["status"].as_str().unwrap_or_default())
+            };
+            let (ids, named) = tasks_named(&api, run, unfinished).await?;
+            if ids.is_empty() {
+                eprintln!(
+                    "none of the {named} tasks named {run:?} ended failed, timed out or cancelled: nothing to retry"
+                );
+                return Ok(());
+            }
+            ids
+        }
+        None => a.ids.iter().map(|id| id.as_str().to_owned()).collect(),
+    };
     // Read as listings of the ids, as many a request as the API takes, not one request each.
     let mut found: BTreeMap<String, Value> = BTreeMap::new();
-    let unique: BTreeSet<&str> = a.ids.iter().map(|id| id.as_str()).collect();
+    let unique: BTreeSet<&str> = given.iter().map(String::as_str).collect();
     let unique: Vec<&str> = unique.into_iter().collect();
     for ids in unique.chunks(tether_coordinator::http::LIST_IDS_MAX) {
         let path = format!("/api/v1/tasks?limit={}&ids={}", ids.len(), ids.join(","));
@@ -495,17 +520,21 @@ pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
             found.insert(s(&t["task_id"]), t.clone());
         }
     }
-    let mut specs = Vec::with_capacity(a.ids.len());
-    for id in &a.ids {
+    let mut specs = Vec::with_capacity(given.len());
+    for id in &given {
         let Some(t) = found.get(id.as_str()) else {
             bail!("no task {id} at this coordinator: `tether tasks` lists those it knows");
         };
-        specs.push(spec_to_retry(t)?);
+        let mut spec = spec_to_retry(t)?;
+        if let Some(name) = &a.name {
+            spec["name"] = json!(name);
+        }
+        specs.push(spec);
     }
     let sent = std::time::Instant::now();
     let (ids, failed) = submit_in_parts(&api, &specs, |new, at| {
         if !a.common.json {
-            for (new, old) in new.iter().zip(&a.ids[at..]) {
+            for (new, old) in new.iter().zip(&given[at..]) {
                 outln!("{} (retry of {old})", shown(new))?;
             }
         }
@@ -514,7 +543,7 @@ pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
     .await;
     if a.common.json {
         // Each new id beside the one it is a retry of, in the order given.
-        let of: Vec<&str> = a.ids.iter().take(ids.len()).map(|id| id.as_str()).collect();
+        let of: Vec<&str> = given.iter().take(ids.len()).map(String::as_str).collect();
         outln!("{}", json!({ "task_ids": ids, "retry_of": of }))?;
     }
     if let Some(e) = failed {
