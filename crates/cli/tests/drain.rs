@@ -67,6 +67,16 @@ async fn waited(waiting: &mut tokio::process::Child, what: &str) -> String {
     said
 }
 
+/// A coordinator in `dir` with worker w1 connected; the API's base URL and a client.
+async fn one_worker(dir: &tempfile::TempDir) -> (TestCoordinator, String, Client, TestWorker) {
+    let c = spawn_coordinator(dir.path().join("c")).await;
+    let base = format!("http://{}", c.addr);
+    let client = c.client();
+    let w = worker(&c, "w1");
+    w.wait_state(|s| s == ConnState::Connected).await;
+    (c, base, client, w)
+}
+
 /// The worker that ran `id`'s last attempt.
 async fn ran_on(client: &Client, id: &TaskId) -> String {
     let t = client.task(id).await;
@@ -265,11 +275,7 @@ async fn drain_and_undrain_of_several_workers_act_on_each_and_wait_for_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_of_a_run_submits_its_unfinished_tasks_again_as_a_new_run() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().join("c")).await;
-    let base = format!("http://{}", c.addr);
-    let client = c.client();
-    let w = worker(&c, "w1");
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let (c, base, client, w) = one_worker(&dir).await;
     let ok = dir.path().join("ok");
     let named = |shell: &str| {
         let config = serde_json::json!({"shell": shell, "env": {"OK": ok}});
@@ -319,11 +325,7 @@ async fn retry_of_a_run_submits_its_unfinished_tasks_again_as_a_new_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_runs_an_ended_task_again_as_a_new_task_with_its_spec() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let c = spawn_coordinator(dir.path().join("c")).await;
-    let base = format!("http://{}", c.addr);
-    let client = c.client();
-    let w = worker(&c, "w1");
-    w.wait_state(|s| s == ConnState::Connected).await;
+    let (c, base, client, w) = one_worker(&dir).await;
     let ok = dir.path().join("ok");
     let mut spec = TaskSpec::new(
         "command",
