@@ -86,25 +86,29 @@ impl Outgoing {
     }
 }
 
-/// What a session and the core share besides messages. When the session last heard from its
-/// worker: the time, to the millisecond, of the last frame it took as the worker's (with
-/// integrity on, a frame that verified), heartbeats included, which the session answers
-/// itself and never shows the core; written by the session, read for the API's `last_seen`.
-/// And whether the worker is drained, which the session's heartbeat replies say (`draining`);
-/// written by the core at registration and at each drain and undrain.
+/// What a session and the core share besides messages.
 #[derive(Debug, Default)]
-pub struct Seen(std::sync::atomic::AtomicI64, std::sync::atomic::AtomicBool);
+pub struct Seen {
+    /// When the session last heard from its worker: the time, to the millisecond, of the last
+    /// frame it took as the worker's (with integrity on, a frame that verified), heartbeats
+    /// included, which the session answers itself and never shows the core; 0 before any.
+    /// Written by the session, read for the API's `last_seen`.
+    last_ms: std::sync::atomic::AtomicI64,
+    /// Whether the worker is drained, which the session's heartbeat replies say (`draining`).
+    /// Written by the core at registration and at each drain and undrain.
+    drained: std::sync::atomic::AtomicBool,
+}
 
 impl Seen {
     /// A frame came now.
     pub fn mark(&self) {
-        self.0
+        self.last_ms
             .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
     }
 
     /// The last frame's time, if any came since the session opened.
     pub fn get(&self) -> Option<DateTime<Utc>> {
-        match self.0.load(Ordering::Relaxed) {
+        match self.last_ms.load(Ordering::Relaxed) {
             0 => None,
             ms => DateTime::from_timestamp_millis(ms),
         }
@@ -112,12 +116,12 @@ impl Seen {
 
     /// The worker is drained (or not) from now on.
     pub fn set_drained(&self, drained: bool) {
-        self.1.store(drained, Ordering::Relaxed);
+        self.drained.store(drained, Ordering::Relaxed);
     }
 
     /// Whether the worker is drained, as the core last said.
     pub fn drained(&self) -> bool {
-        self.1.load(Ordering::Relaxed)
+        self.drained.load(Ordering::Relaxed)
     }
 }
 
