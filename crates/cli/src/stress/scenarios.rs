@@ -75,8 +75,8 @@ struct Run {
 }
 
 /// A worker steady_load drained: when the coordinator's answer came, what the worker held
-/// then, and how long until the run saw it hold nothing (`None`: not within
-/// [`Run::drained_idle_within`], or not yet).
+/// then, how long until the run saw it hold nothing (`None`: not within
+/// [`Run::drained_idle_within`], or not yet), and whether the run stopped it since.
 #[derive(Debug, Clone)]
 struct Drained {
     worker: String,
@@ -84,6 +84,7 @@ struct Drained {
     since: Instant,
     held: u64,
     idle_after: Option<Duration>,
+    stopped: bool,
 }
 
 /// How often steady_load reads the workers it drained, until each holds no task: the
@@ -673,6 +674,7 @@ impl Run {
                     since: Instant::now(),
                     held: w["leases"].as_array().map_or(0, |l| l.len() as u64),
                     idle_after: None,
+                    stopped: false,
                 })
             })
             .buffered(DRAIN_REQUESTS_AT_ONCE)
@@ -695,10 +697,18 @@ impl Run {
                 .map_or(Duration::ZERO, |_| self.reconnects_within())
     }
 
-    /// Reads each drained worker not yet stopped (`pending`, indexes into the drains) and
-    /// stops those that hold no task, or have had [`Run::drained_idle_within`] to; gives
-    /// whether any is left pending.
-    async fn stop_drained(&mut self, pending: &mut Vec<usize>) -> anyhow::Result<bool> {
+    /// The drained workers not stopped yet: those still running what they held.
+    fn draining(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.drains.len()).filter(|&i| !self.drains[i].stopped)
+    }
+
+    /// Reads each drained worker not yet stopped and stops those that hold no task, or have
+    /// had [`Run::drained_idle_within`] to; gives whether any is left running.
+    async fn stop_drained(&mut self) -> anyhow::Result<bool> {
+        let pending: Vec<usize> = self.draining().collect();
+        if pending.is_empty() {
+            return Ok(false);
+        }
         let within = self.drained_idle_within();
         let reads = pending.iter().map(|&i| {
             let path = format!("/api/v1/workers/{}", self.drains[i].worker);
@@ -710,19 +720,18 @@ impl Run {
             .collect()
             .await;
         let mut stop = Vec::new();
-        let mut left = Vec::new();
         for (&i, w) in pending.iter().zip(read) {
             let d = &mut self.drains[i];
             let w = w.with_context(|| format!("reading drained worker {}", d.worker))?;
             if w["leases"].as_array().is_some_and(Vec::is_empty) {
                 d.idle_after = Some(d.since.elapsed());
             } else if d.since.elapsed() < within {
-                left.push(i);
                 continue;
             }
+            d.stopped = true;
             stop.push(d.worker.clone());
         }
-        *pending = left;
+        let left = pending.len() - stop.len();
         if !stop.is_empty() {
             self.fleet
                 .send(&Command::Stop {
@@ -731,7 +740,7 @@ impl Run {
                 })
                 .await?;
         }
-        Ok(!pending.is_empty())
+        Ok(left > 0)
     }
 
     /// Cuts every worker off from the coordinator for `--outage` as `--cut` says; the times
@@ -1837,8 +1846,7 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
     let mut churn = tokio::time::interval(Duration::from_secs(1));
     churn.tick().await;
     let mut leaving = Leaving::Drained;
-    // Drained workers not yet stopped (indexes into the run's drains), read every DRAIN_POLL.
-    let mut pending: Vec<usize> = Vec::new();
+    // Drained workers not yet stopped are read every DRAIN_POLL.
     let mut read_at = Instant::now();
     let mut replaced = 0u64;
     let per_churn = ((n as f64 * run.a.churn).ceil() as u64).min(n);
@@ -1855,13 +1863,10 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
             _ = churn.tick(), if per_churn > 0 => {
                 // The oldest, those drained and still running their tasks left out.
                 let draining: HashSet<String> =
-                    pending.iter().map(|&i| run.drains[i].worker.clone()).collect();
+                    run.draining().map(|i| run.drains[i].worker.clone()).collect();
                 let ids = run.fleet.roster.oldest(per_churn as usize, &draining);
                 match leaving {
-                    Leaving::Drained => {
-                        pending.extend(run.drains.len()..run.drains.len() + ids.len());
-                        run.drain(ids).await?;
-                    }
+                    Leaving::Drained => run.drain(ids).await?,
                     Leaving::Crash | Leaving::Shutdown => {
                         let abrupt = leaving == Leaving::Crash;
                         run.fleet.send(&Command::Stop { ids, abrupt }).await?;
@@ -1873,9 +1878,9 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
             }
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
-        if !pending.is_empty() && read_at.elapsed() >= DRAIN_POLL {
+        if read_at.elapsed() >= DRAIN_POLL {
             read_at = Instant::now();
-            run.stop_drained(&mut pending).await?;
+            run.stop_drained().await?;
         }
         run.pb.set_position(t0.elapsed().as_secs());
     }
@@ -1890,7 +1895,7 @@ async fn steady_load(run: &mut Run) -> anyhow::Result<()> {
         ));
     }
     // Those drained last: each stopped once it holds nothing (or its time ran out).
-    while run.stop_drained(&mut pending).await? {
+    while run.stop_drained().await? {
         tokio::time::sleep(DRAIN_POLL).await;
     }
     run.wait_all_terminal().await?;
