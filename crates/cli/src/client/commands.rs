@@ -495,10 +495,7 @@ pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
     let given: Vec<String> = match &a.of {
         Some(run) => {
-            let unfinished = |t: &Value| {
-                ["failed", "timed_out", "cancelled"]
-                    .contains(&t["status"].as_str().unwrap_or_default())
-            };
+            let unfinished = |t: &Value| has_ended(t) && t["status"] != "completed";
             let (ids, named) = tasks_named(&api, run, unfinished).await?;
             if ids.is_empty() {
                 eprintln!(
@@ -1475,24 +1472,34 @@ pub struct ControlArgs {
     name: Option<String>,
 }
 
-/// The statuses of the tasks an action applies to, for `--name`.
-fn acted_on(action: &str) -> &'static [&'static str] {
+/// Whether `action` applies to task `t` (for `--name`), and the words for the tasks it applies
+/// to: a cancel to every task not ended ([`has_ended`]), a pause to the queued and running, a
+/// resume to the paused.
+fn applies(action: &str, t: &Value) -> bool {
     match action {
-        "pause" => &["queued", "running"],
-        "resume" => &["paused"],
-        _ => &["queued", "running", "paused"],
+        "pause" => t["status"] == "queued" || t["status"] == "running",
+        "resume" => t["status"] == "paused",
+        _ => !has_ended(t),
     }
 }
 
-/// The ids of the tasks submitted under `name` in a status `action` applies to; an error if
-/// no task has the name (a mistyped name is not a run with nothing to do).
+/// What [`applies`] takes, in words.
+fn applies_to(action: &str) -> &'static str {
+    match action {
+        "pause" => "queued or running",
+        "resume" => "paused",
+        _ => "queued or running or paused",
+    }
+}
+
+/// The ids of the tasks submitted under `name` that `action` [`applies`] to; an error if no
+/// task has the name (a mistyped name is not a run with nothing to do).
 async fn run_to_act_on(api: &Api, name: &str, action: &str) -> anyhow::Result<Vec<String>> {
-    let applies = |t: &Value| acted_on(action).contains(&t["status"].as_str().unwrap_or_default());
-    let (ids, named) = tasks_named(api, name, applies).await?;
+    let (ids, named) = tasks_named(api, name, |t| applies(action, t)).await?;
     if ids.is_empty() {
         eprintln!(
             "none of the {named} tasks named {name:?} is {}: nothing to {action}",
-            acted_on(action).join(" or ")
+            applies_to(action)
         );
     }
     Ok(ids)
