@@ -86,7 +86,9 @@ enum Cmd {
     /// `--wait`, wait for it.
     Checkpoint(client::CheckpointArgs),
     /// Run ended tasks again: each submitted anew, as a new task, with the spec it had (the
-    /// new ids printed, `NEW (retry of OLD)`); with `--watch`, follow them to their end.
+    /// new ids printed, `NEW (retry of OLD)`); with `--watch`, follow them to their end. The
+    /// coordinator records each as its task's one retry (`retried_by`): a task retried
+    /// already is refused (retry its retry).
     Retry(client::RetryArgs),
     /// Drain workers (one or several ids): no new task goes to them, and what they run goes on
     /// to its end; with `--wait`, wait until none holds any. A worker stays drained, across its

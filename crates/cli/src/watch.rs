@@ -63,9 +63,10 @@ pub struct WatchArgs {
     common: CommonArgs,
     /// Tasks to follow until each has ended; with none, every task's changes until interrupted.
     ids: Vec<String>,
-    /// Follow a run: the tasks submitted under this name (`tether submit --name`) when the
-    /// watch starts, until each has ended (exit 0 only if all completed). A task submitted
-    /// under it later is not followed.
+    /// Follow a run: the latest try of each task submitted under this name (`tether submit
+    /// --name`; the task, or the last retry of it, `tether retry`) when the watch starts,
+    /// until each has ended (exit 0 only if all completed). A task submitted under it later is
+    /// not followed.
     #[arg(long, value_parser = crate::client::parse_name, conflicts_with = "ids")]
     name: Option<String>,
     /// Show workers' changes too (connected, disconnected, lost).
@@ -106,12 +107,25 @@ pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
     judge(&api, watch).await
 }
 
-/// The ids of the tasks submitted under `name`; none is an error
-/// ([`crate::client::tasks_named`]).
+/// The ids of the latest tries of the tasks submitted under `name` (each task, or the last
+/// retry of it); none named is an error ([`crate::client::latest_tries_named`]).
 async fn run_tasks(api: &Api, name: &str) -> anyhow::Result<BTreeSet<String>> {
-    let (ids, _) = crate::client::tasks_named(api, name, |_| true).await?;
-    eprintln!("following the {} tasks named {name:?}", ids.len());
-    Ok(ids.into_iter().collect())
+    let run = crate::client::latest_tries_named(api, name).await?;
+    let ids: BTreeSet<String> = run
+        .tries
+        .iter()
+        .filter_map(|t| t["task_id"].as_str().map(str::to_owned))
+        .collect();
+    match (ids.len() == run.named, run.elsewhere) {
+        (true, 0) => eprintln!("following the {} tasks named {name:?}", ids.len()),
+        (_, elsewhere) => eprintln!(
+            "following the latest tries of the {} tasks named {name:?}: {} tasks ({elsewhere} of \
+             them retries named otherwise)",
+            run.named,
+            ids.len()
+        ),
+    }
+    Ok(ids)
 }
 
 /// Why a watch could not tell how its tasks ended (interrupted, unreachable, refused): exit

@@ -43,6 +43,17 @@ fn held_until(go: &std::path::Path) -> TaskSpec {
     )
 }
 
+/// A `command` task named `name` that fails, in its one attempt, until `ok` exists.
+fn fails_until(ok: &std::path::Path, name: &str) -> TaskSpec {
+    let mut spec = TaskSpec::new(
+        "command",
+        serde_json::json!({"shell": r#"[ -e "$OK" ]"#, "env": {"OK": ok}}),
+    );
+    spec.max_attempts = Some(1);
+    spec.name = Some(name.into());
+    spec
+}
+
 /// Waits until worker `w` knows it is drained (`want`) or not, from its heartbeat replies;
 /// fails the test, saying `what`, if it did not within [`LONG`].
 async fn told(w: &TestWorker, want: bool, what: &str) {
@@ -271,22 +282,17 @@ async fn drain_and_undrain_of_several_workers_act_on_each_and_wait_for_all() {
 
 /// A run's failures run again as a run of their own: `tether retry --of RUN --name NEW` takes
 /// the tasks of RUN that ended without completing (not the completed), names the new ones NEW,
-/// and `tether watch --name NEW` follows them to their end.
+/// and `tether watch --name NEW` follows them to their end. The first run is judged by its
+/// latest tries: its failure retried to completion, it passes, and has nothing to retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_of_a_run_submits_its_unfinished_tasks_again_as_a_new_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (c, base, client, w) = one_worker(&dir).await;
     let ok = dir.path().join("ok");
-    let named = |shell: &str| {
-        let config = serde_json::json!({"shell": shell, "env": {"OK": ok}});
-        let mut spec = TaskSpec::new("command", config);
-        spec.max_attempts = Some(1);
-        spec.name = Some("run-1".into());
-        spec
-    };
-    let tasks = client
-        .submit(&[named(r#"[ -e "$OK" ]"#), named("true")])
-        .await;
+    let fails = fails_until(&ok, "run-1");
+    let mut passes = fails.clone();
+    passes.config = serde_json::json!({"shell": "true"}).into();
+    let tasks = client.submit(&[fails, passes]).await;
     client.wait_status(&tasks[0], "failed").await;
     client.wait_status(&tasks[1], "completed").await;
 
@@ -309,12 +315,77 @@ async fn retry_of_a_run_submits_its_unfinished_tasks_again_as_a_new_run() {
         Some(2),
         "the first run as it was: {run}"
     );
-    let (code, _, err) = tether(&base, &["retry", "--of", "run-1-r1"]).await;
-    assert_eq!(code, Some(0), "{err}");
-    assert!(err.contains("nothing to retry"), "{err}");
+    for run in ["run-1-r1", "run-1"] {
+        let (code, out, err) = tether(&base, &["retry", "--of", run]).await;
+        assert_eq!((code, out.as_str()), (Some(0), ""), "{run}: {err}");
+        assert!(err.contains("nothing to retry"), "{run}: {err}");
+    }
+    let (code, out, err) = tether(&base, &["watch", "--name", "run-1"]).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains("latest tries of the 2 tasks named \"run-1\": 2 tasks (1 of them retries named otherwise)"),
+        "{err}"
+    );
     let (code, _, err) = tether(&base, &["retry", "--of", "run-2"]).await;
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("no task named \"run-2\""), "{err}");
+    w.stop().await.expect("w1 stops");
+    c.stop().await;
+}
+
+/// Retries that join their run (no `--name`): `tether retry --of RUN` again takes the latest
+/// try of each task, the retry that failed and not the failure it repeated, so no task is run
+/// again twice; `tether watch --name RUN` follows the latest tries, and passes once the last
+/// retry completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_of_a_run_again_takes_only_its_latest_tries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, base, client, w) = one_worker(&dir).await;
+    let ok = dir.path().join("ok");
+    let spec = fails_until(&ok, "run-3");
+    let mut passes = spec.clone();
+    passes.config = serde_json::json!({"shell": "true"}).into();
+    let run = client.submit(&[spec, passes]).await;
+    client.wait_status(&run[0], "failed").await;
+    client.wait_status(&run[1], "completed").await;
+
+    let retried = |out: &str| -> Vec<(TaskId, String)> {
+        // (With --watch, the watch's lines follow.)
+        out.lines()
+            .filter(|l| l.contains(" (retry of "))
+            .map(|l| {
+                let (id, of) = l.split_once(' ').expect("an id and its original");
+                (TaskId::parse(id).expect("a task id"), of.to_owned())
+            })
+            .collect()
+    };
+    let (code, out, err) = tether(&base, &["retry", "--of", "run-3"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let first = retried(&out);
+    assert_eq!(first.len(), 1, "{out}");
+    assert_eq!(first[0].1, format!("(retry of {})", run[0]));
+    client.wait_status(&first[0].0, "failed").await;
+    let (code, out, err) = tether(&base, &["watch", "--name", "run-3"]).await;
+    assert_eq!(code, Some(1), "the latest try failed: {out}\n{err}");
+    assert!(
+        err.contains("latest tries of the 3 tasks named \"run-3\": 2 tasks (0 of"),
+        "{err}"
+    );
+
+    // Again: the retry that failed, not the task it repeated.
+    std::fs::write(&ok, b"").expect("the file it needs");
+    let (code, out, err) = tether(&base, &["retry", "--of", "run-3", "--watch"]).await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let second = retried(&out);
+    assert_eq!(second.len(), 1, "{out}");
+    assert_eq!(second[0].1, format!("(retry of {})", first[0].0));
+    let (code, out, err) = tether(&base, &["watch", "--name", "run-3"]).await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let (code, _, err) = tether(&base, &["retry", "--of", "run-3"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("nothing to retry"), "{err}");
+    let all = client.get("/api/v1/tasks?name=run-3").await.1;
+    assert_eq!(all.as_array().map(Vec::len), Some(4), "{all}");
     w.stop().await.expect("w1 stops");
     c.stop().await;
 }
@@ -327,12 +398,7 @@ async fn retry_runs_an_ended_task_again_as_a_new_task_with_its_spec() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (c, base, client, w) = one_worker(&dir).await;
     let ok = dir.path().join("ok");
-    let mut spec = TaskSpec::new(
-        "command",
-        serde_json::json!({"shell": r#"[ -e "$OK" ]"#, "env": {"OK": ok}}),
-    );
-    spec.max_attempts = Some(1);
-    spec.name = Some("needs-ok".into());
+    let spec = fails_until(&ok, "needs-ok");
     let first = client.submit(&[spec]).await.remove(0);
     client.wait_status(&first, "failed").await;
 
@@ -366,12 +432,24 @@ async fn retry_runs_an_ended_task_again_as_a_new_task_with_its_spec() {
         err.contains("is running: only an ended task is run again"),
         "{err}"
     );
-    let (code, _, err) = tether(&base, &["retry", first.as_str(), "t-nobody"]).await;
+    let (code, _, err) = tether(&base, &["retry", again.as_str(), "t-nobody"]).await;
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("no task t-nobody at this coordinator"),
         "{err}"
     );
+    // A task has one retry, recorded on both.
+    let (code, _, err) = tether(&base, &["retry", first.as_str()]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("task {first} was retried already, by {again}")),
+        "{err}"
+    );
+    let (code, out, err) = tether(&base, &["task", first.as_str()]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&format!("retried   by {again}\n")), "{out}");
+    let (_, out, _) = tether(&base, &["task", again.as_str()]).await;
+    assert!(out.contains(&format!("retry of  {first}\n")), "{out}");
     let after = client.get("/api/v1/tasks").await.1.as_array().map(Vec::len);
     assert_eq!(before, after, "nothing submitted");
     client.control(&held[0], "cancel").await;
@@ -426,17 +504,33 @@ async fn retry_of_more_tasks_than_one_submission_takes_sends_them_in_parts() {
         Some(2 * old.len()),
         "each submitted again once: {all}"
     );
-    // With --json: one document, each new id beside the one it is a retry of.
-    args.push("--json");
+    // Each is retried already: refused before any request, whatever the parts.
+    let (code, _, err) = tether(&base, &args).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("was retried already"), "{err}");
+    // The retries, ended, retried in their turn; with --json: one document, each new id
+    // beside the one it is a retry of.
+    let new: Vec<TaskId> = new
+        .iter()
+        .map(|id| TaskId::parse(id).expect("id"))
+        .collect();
+    for id in &new {
+        client.control(id, "cancel").await;
+        client.wait_status(id, "cancelled").await;
+    }
+    let mut args = vec!["retry", "--json"];
+    args.extend(new.iter().map(TaskId::as_str));
     let (code, out, err) = tether(&base, &args).await;
     assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
-    let of: Vec<&str> = old.iter().map(TaskId::as_str).collect();
+    let of: Vec<&str> = new.iter().map(TaskId::as_str).collect();
     assert_eq!(v["retry_of"], serde_json::json!(of), "{v}");
     assert_eq!(
         v["task_ids"].as_array().map(Vec::len),
         Some(old.len()),
         "{v}"
     );
+    let all = client.get("/api/v1/tasks").await.1;
+    assert_eq!(all.as_array().map(Vec::len), Some(3 * old.len()), "{all}");
     c.stop().await;
 }

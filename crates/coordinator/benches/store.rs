@@ -39,6 +39,7 @@ fn task(i: usize) -> Task {
         attempts: vec![],
         env_redacted: false,
         lease_started: None,
+        retried_by: None,
     }
 }
 

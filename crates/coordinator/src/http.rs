@@ -594,16 +594,16 @@ fn specs_of(body: &serde_json::value::RawValue, max: usize) -> Result<Vec<TaskSp
     post,
     path = "/api/v1/tasks",
     tag = "tasks",
-    request_body(content = serde_json::Value, description = "One task spec, or `{\"tasks\": [specs]}`: kind, config, requires, tags, priority, timeout_ms, max_attempts, task_id (optional)"),
+    request_body(content = serde_json::Value, description = "One task spec, or `{\"tasks\": [specs]}`: kind, config, requires, tags, priority, timeout_ms, max_attempts, name, task_id (optional), retry_of (optional: the ended task this one runs again, recorded as its `retried_by`)"),
     responses(
         (status = 201, description = "Accepted: at least one task was made. A spec whose `task_id` names a task there already, with the same spec, makes nothing and is listed in `existing` (the same: `kind`, `name` and `timeout_ms` equal; `priority` and `max_attempts` with their defaults, 5 and 3, filled in; `config` equal as JSON, spacing and key order aside; `requires` as a set; `tags` as a map)", body = Submitted),
         (status = 200, description = "Every task named was there already with the same spec (as for 201): nothing was made, `existing` lists them all. A submission sent again after its reply was lost is answered so", body = Submitted),
         (status = 400, description = "Not JSON, or a query parameter (`bad_request`, naming it): submission takes none", body = ErrorBody),
-        (status = 409, description = "A `task_id` names a task there already with a different spec (the message names the first field that differs), or is given twice in the request: nothing was made", body = ErrorBody),
+        (status = 409, description = "A `task_id` names a task there already with a different spec (the message names the first field that differs), or is given twice in the request; or a `retry_of` names a task not ended, or one retried already (by another task, or twice in the request): nothing was made", body = ErrorBody),
         (status = 413, description = "Larger than the body limit (`too_large`, naming it)", body = ErrorBody),
         (status = 415, description = "Not sent as `application/json`", body = ErrorBody),
         (status = 503, description = "`out_of_space`: the data directory is out of space, nothing new is taken until there is room (Retry-After: 5); `busy`: every turn for submissions (4 at once) was held for half the handshake deadline (Retry-After: 1); neither took anything. `shutting_down`: the coordinator is stopping (Retry-After: 5)", body = ErrorBody),
-        (status = 422, description = "Not a spec (`bad_request`; the message starts with the field at fault, e.g. `tasks[2].kind: invalid type: ...`), an invalid spec (a config its built-in executor would refuse among them), or too many in one request (`invalid`)", body = ErrorBody),
+        (status = 422, description = "Not a spec (`bad_request`; the message starts with the field at fault, e.g. `tasks[2].kind: invalid type: ...`), an invalid spec (a config its built-in executor would refuse among them; a `retry_of` naming a task the coordinator does not have), or too many in one request (`invalid`)", body = ErrorBody),
     )
 )]
 pub async fn submit(State(app): State<Arc<AppState>>, request: axum::extract::Request) -> Response {

@@ -122,6 +122,11 @@ pub struct Task {
     pub latest_checkpoint: Option<Box<CheckpointMeta>>,
     #[serde(default)]
     pub attempts: Vec<AttemptRecord>,
+    /// The task submitted as this one's retry (whose spec's `retry_of` names this one), when
+    /// there is one: at most one, so a chain of retries ends at a run's latest try.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub retried_by: Option<TaskId>,
     /// The values of the spec's `env` were replaced by [`REDACTED`] in this copy, given to a
     /// caller who may not see them ([`Self::without_env_values`]): its spec, submitted again,
     /// would run with the placeholder. Only ever set on such copies, so never stored.
@@ -185,6 +190,7 @@ impl Task {
             latest_checkpoint: None,
             attempts: vec![],
             lease_started: None,
+            retried_by: None,
         }
     }
 

@@ -143,6 +143,11 @@ pub struct TaskSpec {
     /// Free-form label shown in listings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The ended task this one runs again: the coordinator records the retry on that task
+    /// (its `retried_by`), and takes at most one retry of a task, so a run's latest try of
+    /// each of its tasks is found by following `retried_by`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<TaskId>,
 }
 
 /// Default task priority.
@@ -182,6 +187,7 @@ impl TaskSpec {
             timeout_ms: None,
             max_attempts: None,
             name: None,
+            retry_of: None,
         }
     }
 

@@ -450,7 +450,8 @@ pub struct RetryArgs {
     #[arg(required_unless_present = "of", value_name = "TASK_ID")]
     ids: Vec<tether_proto::TaskId>,
     /// Instead of ids, a run's tasks that ended without completing (failed, timed out or
-    /// cancelled): those submitted under this name.
+    /// cancelled): the latest try of each task submitted under this name (the task, or the
+    /// last retry of it), so that a failure retried already is not retried again.
     #[arg(long, value_name = "RUN", value_parser = parse_name, conflicts_with = "ids")]
     of: Option<String>,
     /// The name of the new tasks, a run of their own (e.g. `nightly-42-r1`, followed with
@@ -464,7 +465,8 @@ pub struct RetryArgs {
 }
 
 /// The spec of an ended task `t`, to submit again as a new task: its own id left out (the same
-/// id and spec name the task that is there), everything else as submitted.
+/// id and spec name the task that is there), `retry_of` naming it, everything else as
+/// submitted. A task retried already is refused: the coordinator takes one retry of a task.
 fn spec_to_retry(t: &Value) -> anyhow::Result<Value> {
     let id = s(&t["task_id"]);
     if !has_ended(t) {
@@ -478,6 +480,11 @@ fn spec_to_retry(t: &Value) -> anyhow::Result<Value> {
         bail!("task {id} has no spec in the coordinator's answer");
     };
     fields.remove("task_id");
+    // The coordinator takes one retry of a task, and records it on the task (`retried_by`).
+    if let Some(by) = t["retried_by"].as_str() {
+        bail!("task {id} was retried already, by {by}: `tether retry {by}` runs that one again");
+    }
+    fields.insert("retry_of".into(), json!(id));
     // A read token sees env values replaced (and cannot submit): a spec that holds one would
     // run with the placeholder for the value. The coordinator marks such a copy; a value that
     // is the placeholder's text itself is a value like any other.
@@ -496,10 +503,17 @@ pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
     let given: Vec<String> = match &a.of {
         Some(run) => {
             let unfinished = |t: &Value| has_ended(t) && t["status"] != "completed";
-            let (ids, named) = tasks_named(&api, run, unfinished).await?;
+            let run_tries = latest_tries_named(&api, run).await?;
+            let ids: Vec<String> = run_tries
+                .tries
+                .iter()
+                .filter(|t| unfinished(t))
+                .map(|t| s(&t["task_id"]))
+                .collect();
             if ids.is_empty() {
                 eprintln!(
-                    "none of the {named} tasks named {run:?} ended failed, timed out or cancelled: nothing to retry"
+                    "none of the latest tries of the {} tasks named {run:?} ended failed, timed out or cancelled: nothing to retry",
+                    run_tries.named
                 );
                 return Ok(());
             }
@@ -507,16 +521,7 @@ pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
         }
         None => a.ids.iter().map(|id| id.as_str().to_owned()).collect(),
     };
-    // Read as listings of the ids, as many a request as the API takes, not one request each.
-    let mut found: BTreeMap<String, Value> = BTreeMap::new();
-    let unique: BTreeSet<&str> = given.iter().map(String::as_str).collect();
-    let unique: Vec<&str> = unique.into_iter().collect();
-    for ids in unique.chunks(tether_coordinator::http::LIST_IDS_MAX) {
-        let path = format!("/api/v1/tasks?limit={}&ids={}", ids.len(), ids.join(","));
-        for t in api.get(&path).await?.as_array().into_iter().flatten() {
-            found.insert(s(&t["task_id"]), t.clone());
-        }
-    }
+    let found = tasks_by_id(&api, given.iter().map(String::as_str)).await?;
     let mut specs = Vec::with_capacity(given.len());
     for id in &given {
         let Some(t) = found.get(id.as_str()) else {
@@ -1053,6 +1058,12 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
         outln!("attempts  at most {n}")?;
     }
     outln!("submitted {}", when(&t["submitted_at"]))?;
+    if let Some(of) = spec["retry_of"].as_str() {
+        outln!("retry of  {of}")?;
+    }
+    if let Some(by) = t["retried_by"].as_str() {
+        outln!("retried   by {by}")?;
+    }
     if !t["error"].is_null() {
         outln!("error     {}", s(&t["error"]))?;
     }
@@ -1506,9 +1517,9 @@ async fn run_to_act_on(api: &Api, name: &str, action: &str) -> anyhow::Result<Ve
 }
 
 /// The ids of the tasks submitted under `name` that `keep` keeps, read page by page, and how
-/// many have the name; an error if none has (`tether watch --name` and the controls of a run:
+/// many have the name; an error if none has (the controls of a run and:
 /// a mistyped name would otherwise be a run with nothing to do, which passed).
-pub(crate) async fn tasks_named(
+async fn tasks_named(
     api: &Api,
     name: &str,
     keep: impl Fn(&Value) -> bool,
@@ -1530,6 +1541,88 @@ pub(crate) async fn tasks_named(
         );
     }
     Ok((ids, named))
+}
+
+/// The tasks of these ids the coordinator has, by id: read as listings of the ids, as many a
+/// request as the API takes, not one request each.
+async fn tasks_by_id<'a>(
+    api: &Api,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> anyhow::Result<BTreeMap<String, Value>> {
+    let unique: BTreeSet<&str> = ids.into_iter().collect();
+    let unique: Vec<&str> = unique.into_iter().collect();
+    let mut found = BTreeMap::new();
+    for ids in unique.chunks(tether_coordinator::http::LIST_IDS_MAX) {
+        let path = format!("/api/v1/tasks?limit={}&ids={}", ids.len(), ids.join(","));
+        for t in api.get(&path).await?.as_array().into_iter().flatten() {
+            found.insert(s(&t["task_id"]), t.clone());
+        }
+    }
+    Ok(found)
+}
+
+/// A run's latest tries ([`latest_tries_named`]).
+pub(crate) struct RunTries {
+    /// The latest try of each of the run's tasks, each once, the run's own first.
+    pub tries: Vec<Value>,
+    /// How many tasks have the run's name.
+    pub named: usize,
+    /// How many of `tries` are retries named otherwise (`tether retry --of RUN --name NEW`).
+    pub elsewhere: usize,
+}
+
+/// The latest try of each task submitted under `name`: the task itself, or the end of the
+/// chain of retries its `retried_by` starts (each a task submitted with `retry_of`, under any
+/// name), read a link at a time for all of them. A run's verdict is its latest tries': a
+/// failure retried to completion passed. None named is an error, as in [`tasks_named`].
+pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<RunTries> {
+    let query = name_param(name);
+    let mut pages = TaskPages::new(api, &query, 1000);
+    let mut level = Vec::new();
+    while let Some(page) = pages.next().await? {
+        level.extend(page);
+    }
+    let named = level.len();
+    if named == 0 {
+        bail!(
+            "no task named {name:?} at this coordinator (`tether tasks --name` lists a run's tasks)"
+        );
+    }
+    let mut tries = Vec::new();
+    // Every task passed: a task reached twice (as one of the run's, and as the retry of
+    // another of them) is followed once, and a chain cannot loop.
+    let mut passed = BTreeSet::new();
+    loop {
+        let mut next: Vec<(String, Value)> = Vec::new();
+        for t in std::mem::take(&mut level) {
+            if !passed.insert(s(&t["task_id"])) {
+                continue;
+            }
+            match t["retried_by"].as_str() {
+                // Its retry is followed from where it was reached.
+                Some(by) if passed.contains(by) => {}
+                Some(by) => next.push((by.to_owned(), t)),
+                None => tries.push(t),
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        let mut found = tasks_by_id(api, next.iter().map(|(by, _)| by.as_str())).await?;
+        for (by, t) in next {
+            // A retry removed by retention before the task it repeats: that task is the latest.
+            match found.remove(&by) {
+                Some(retry) => level.push(retry),
+                None => tries.push(t),
+            }
+        }
+    }
+    let elsewhere = tries.iter().filter(|t| t["spec"]["name"] != name).count();
+    Ok(RunTries {
+        tries,
+        named,
+        elsewhere,
+    })
 }
 
 /// Requests in flight at once when a command acts on many tasks or workers: the answers are

@@ -19,7 +19,7 @@ pub use commands::{
     CheckpointArgs, ControlArgs, DrainArgs, RetryArgs, SubmitArgs, TaskArgs, TasksArgs,
     UndrainArgs, checkpoint, control, drain, retry, submit, task, tasks, undrain, workers,
 };
-pub(crate) use commands::{away_lines, parse_name, tasks_named};
+pub(crate) use commands::{away_lines, latest_tries_named, parse_name};
 pub(crate) use table::shown;
 
 /// Default coordinator address for client commands.

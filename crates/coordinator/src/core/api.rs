@@ -318,7 +318,10 @@ impl Core {
     /// already is no new task: with the same spec ([`spec_difference`]) it is answered as one
     /// of the submission's tasks, among the `existing`, and nothing is made of it (whatever
     /// the task's status: an ended one is not run again); with another spec it refuses the
-    /// whole submission, as does an id given twice in it.
+    /// whole submission, as does an id given twice in it. A new task whose spec names a
+    /// `retry_of` is recorded on that task (its `retried_by`); the task must be here, ended,
+    /// and not retried already (by another task, or twice in this submission), or the whole
+    /// submission is refused: a task has at most one retry.
     fn submit(&mut self, specs: Vec<TaskSpec>, b: &mut Batch) -> Result<Submission, ApiError> {
         if specs.is_empty() {
             return Err(ApiError::Invalid("no tasks given".into()));
@@ -335,6 +338,7 @@ impl Core {
         let mut new = Vec::with_capacity(specs.len());
         let mut existing = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        let mut retried = std::collections::HashSet::new();
         for (i, s) in specs.iter().enumerate() {
             s.validate()
                 .map_err(|e| ApiError::Invalid(format!("task {i}: {e}")))?;
@@ -363,6 +367,13 @@ impl Core {
                     )));
                 }
                 existing.push(id.clone());
+            } else if let Some(of) = &s.retry_of {
+                self.may_retry(i, of)?;
+                if !retried.insert(of) {
+                    return Err(ApiError::Conflict(format!(
+                        "task {i}: task {of} is retried twice in this request; a task has one retry"
+                    )));
+                }
             }
             new.push(!self.tasks.contains_key(&id));
             ids.push(id);
@@ -392,13 +403,22 @@ impl Core {
                 attempts: Vec::new(),
                 env_redacted: false,
                 lease_started: None,
+                retried_by: None,
             };
             self.queue
                 .insert(&t.spec, (t.spec.priority, seq, id.clone()));
             b.muts.push(Mutation::InsertTask(Box::new(t.clone())));
             self.announce(b, || super::Change::Task(Box::new(t.clone())));
+            let of = t.spec.retry_of.clone();
             self.listing.put(&t);
             self.tasks.insert(id.clone(), t);
+            if let Some(of) = of {
+                if let Some(old) = self.tasks.get_mut(&of) {
+                    old.retried_by = Some(id.clone());
+                    old.updated_at = ts;
+                }
+                self.save_task(&of, b);
+            }
         }
         if let Some(first) = existing.first() {
             tracing::debug!(
@@ -414,6 +434,29 @@ impl Core {
             task_ids: ids,
             existing,
         })
+    }
+
+    /// Whether submission `i` may be a retry of task `of`: one here, ended, with no retry yet.
+    fn may_retry(&self, i: usize, of: &TaskId) -> Result<(), ApiError> {
+        let Some(t) = self.tasks.get(of) else {
+            return Err(ApiError::Invalid(format!(
+                "task {i}: retry_of names task {of}, which this coordinator does not have \
+                 (never submitted, or removed after its retention)"
+            )));
+        };
+        if !t.status.is_terminal() {
+            return Err(ApiError::Conflict(format!(
+                "task {i}: task {of} is {}; only an ended task is retried",
+                t.status.as_str()
+            )));
+        }
+        if let Some(by) = &t.retried_by {
+            return Err(ApiError::Conflict(format!(
+                "task {i}: task {of} was retried already, by task {by}; a task has one retry, \
+                 so retry {by} if it is to run again"
+            )));
+        }
+        Ok(())
     }
 
     /// Pauses (`want` paused) or resumes a task that no worker holds: a paused one waits out
@@ -665,6 +708,7 @@ fn spec_difference(kept: &TaskSpec, new: &TaskSpec) -> Option<String> {
         timeout_ms,
         max_attempts,
         name,
+        retry_of,
     } = new;
     let values = |field: &str, there: &dyn std::fmt::Display, here: &dyn std::fmt::Display| {
         Some(format!("`{field}` differs ({there} there, {here} here)"))
@@ -702,6 +746,13 @@ fn spec_difference(kept: &TaskSpec, new: &TaskSpec) -> Option<String> {
     }
     if *name != kept.name {
         return Some("`name` differs".to_owned());
+    }
+    if *retry_of != kept.retry_of {
+        let of = |id: &Option<TaskId>| {
+            id.as_ref()
+                .map_or_else(|| "none".to_owned(), TaskId::to_string)
+        };
+        return values("retry_of", &of(&kept.retry_of), &of(retry_of));
     }
     None
 }
@@ -787,6 +838,11 @@ mod tests {
                 "`max_attempts` differs (3 there, 4 here)",
             ),
             ("name", json!("nightly"), "`name` differs"),
+            (
+                "retry_of",
+                json!("t-1"),
+                "`retry_of` differs (none there, t-1 here)",
+            ),
         ] {
             let mut v = base();
             v[field] = value;

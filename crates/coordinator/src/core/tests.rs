@@ -155,16 +155,28 @@ impl Harness {
     }
 
     fn submit_spec(&mut self, spec: TaskSpec) -> TaskId {
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
-        self.step(Event::Api(Api::Submit {
-            specs: vec![spec],
-            reply: tx,
-        }));
-        rx.try_recv()
-            .expect("reply")
+        self.try_submit(vec![spec])
             .expect("submitted")
             .task_ids
             .remove(0)
+    }
+
+    /// The core's answer to a submission of `specs`.
+    fn try_submit(&mut self, specs: Vec<TaskSpec>) -> Result<super::Submission, super::ApiError> {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        self.step(Event::Api(Api::Submit { specs, reply: tx }));
+        rx.try_recv().expect("reply")
+    }
+
+    /// Cancels `task` through the API.
+    fn cancel(&mut self, task: &TaskId) {
+        let (tx, mut reply) = tokio::sync::oneshot::channel();
+        self.step(Event::Api(Api::Control {
+            task: task.clone(),
+            op: super::ControlOp::Cancel,
+            reply: tx,
+        }));
+        reply.try_recv().expect("reply").expect("cancelled");
     }
 }
 
@@ -488,13 +500,7 @@ fn a_task_cancelled_while_running_stays_cancelled_when_its_completed_result_arri
     let (s, mut rx) = h.connect("a");
     let t = h.submit();
     drain(&mut rx);
-    let (tx, mut reply) = tokio::sync::oneshot::channel();
-    h.step(Event::Api(Api::Control {
-        task: t.clone(),
-        op: super::ControlOp::Cancel,
-        reply: tx,
-    }));
-    reply.try_recv().expect("reply").expect("cancelled");
+    h.cancel(&t);
     assert!(drain(&mut rx).iter().any(
         |m| matches!(m, CoordMsg::CancelTask(c) if c.task_id == t && c.attempt == Attempt(1))
     ));
@@ -3697,4 +3703,88 @@ fn a_dead_task_held_for_a_replay_is_requeued_when_the_replay_does_not_come() {
         );
         assert!(h.core.held_dead.is_empty(), "{ending}");
     }
+}
+
+/// A retry of a task (a spec whose `retry_of` names it) is recorded on that task, in the model
+/// and in the store; a task has one retry, and only an ended task is retried: a second retry,
+/// one of a task still queued, one of a task not there, or two of one task in a submission
+/// are refused, and the refused submission makes nothing.
+#[test]
+fn a_task_is_retried_once_and_only_once_it_has_ended() {
+    let mut h = Harness::new();
+    let retry = |of: &TaskId| TaskSpec {
+        retry_of: Some(of.clone()),
+        ..TaskSpec::new("sleep", serde_json::json!({}))
+    };
+    let first = h.submit();
+    let refused = |h: &mut Harness, specs: Vec<TaskSpec>| {
+        let before = h.core.tasks.len();
+        let e = h.try_submit(specs).expect_err("refused");
+        assert_eq!(h.core.tasks.len(), before, "nothing made: {e}");
+        e
+    };
+    let e = refused(&mut h, vec![retry(&first)]);
+    assert!(
+        matches!(&e, super::ApiError::Conflict(m) if m.contains("is queued")),
+        "{e:?}"
+    );
+    let e = refused(&mut h, vec![retry(&TaskId::parse("gone").expect("id"))]);
+    assert!(matches!(e, super::ApiError::Invalid(_)), "{e:?}");
+
+    h.cancel(&first);
+    let e = refused(&mut h, vec![retry(&first), retry(&first)]);
+    assert!(
+        matches!(&e, super::ApiError::Conflict(m) if m.contains("twice")),
+        "{e:?}"
+    );
+    let second = h.submit_spec(retry(&first));
+    assert_eq!(h.core.tasks[&first].retried_by, Some(second.clone()));
+    assert!(
+        h.last_muts.iter().any(|m| matches!(m,
+            crate::store::Mutation::PutTask(t) if t.task_id == first && t.retried_by == Some(second.clone()))),
+        "the retry is stored on the task it retries"
+    );
+    let e = refused(&mut h, vec![retry(&first)]);
+    assert!(
+        matches!(&e, super::ApiError::Conflict(m) if m.contains(&format!("retried already, by task {second}"))),
+        "{e:?}"
+    );
+    // The retry is a task like any other: retried in its turn once it ended.
+    h.cancel(&second);
+    let third = h.submit_spec(retry(&second));
+    assert_eq!(h.core.tasks[&second].retried_by, Some(third.clone()));
+    assert_eq!(h.core.tasks[&third].retried_by, None);
+    assert_eq!(h.core.tasks[&first].retried_by, Some(second));
+}
+
+/// A retry sent again under its own id with the same spec (an answer lost) is answered with
+/// the task already there, not refused as a second retry; with another `retry_of` it is
+/// another spec, refused.
+#[test]
+fn a_retry_sent_again_under_its_id_is_answered_with_the_task_there() {
+    let mut h = Harness::new();
+    let first = h.submit();
+    let other = h.submit();
+    h.cancel(&first);
+    h.cancel(&other);
+    let spec = TaskSpec {
+        task_id: Some(TaskId::parse("again").expect("id")),
+        retry_of: Some(first.clone()),
+        ..TaskSpec::new("sleep", serde_json::json!({}))
+    };
+    let made = h.submit_spec(spec.clone());
+    let again = h.try_submit(vec![spec.clone()]).expect("answered");
+    assert_eq!(again.existing, vec![made.clone()]);
+    assert_eq!(h.core.tasks[&first].retried_by, Some(made));
+    let e = h
+        .try_submit(vec![TaskSpec {
+            retry_of: Some(other.clone()),
+            ..spec
+        }])
+        .expect_err("another spec");
+    assert!(
+        matches!(&e, super::ApiError::Conflict(m) if m.contains("`retry_of` differs")),
+        "{e:?}"
+    );
+    assert_eq!(h.core.tasks[&other].retried_by, None);
 }

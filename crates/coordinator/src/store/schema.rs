@@ -461,6 +461,8 @@ pub(super) struct TaskDoc<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     latest_checkpoint: Option<&'a CheckpointMeta>,
     attempts: &'a [AttemptRecord],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retried_by: Option<&'a TaskId>,
 }
 
 impl<'a> TaskDoc<'a> {
@@ -479,6 +481,7 @@ impl<'a> TaskDoc<'a> {
             error: t.error.as_deref(),
             latest_checkpoint: t.latest_checkpoint.as_deref(),
             attempts: &t.attempts,
+            retried_by: t.retried_by.as_ref(),
         }
     }
 }
@@ -501,6 +504,8 @@ pub(super) struct LoadedTaskDoc {
     latest_checkpoint: Option<CheckpointMeta>,
     #[serde(default)]
     attempts: Vec<AttemptRecord>,
+    #[serde(default)]
+    retried_by: Option<TaskId>,
 }
 
 impl LoadedTaskDoc {
@@ -522,6 +527,7 @@ impl LoadedTaskDoc {
             attempts: self.attempts,
             env_redacted: false,
             lease_started: None,
+            retried_by: self.retried_by,
         }
     }
 }

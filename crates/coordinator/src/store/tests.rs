@@ -789,10 +789,12 @@ fn a_task_round_trips_through_its_spec_and_doc_columns() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut conn, _) = open(dir.path()).expect("open");
     let mut t = task("a", 0, TaskStatus::Running);
-    t.spec = Arc::new(TaskSpec::new(
-        "command",
-        serde_json::json!({"argv": ["true"]}),
-    ));
+    t.spec = Arc::new(TaskSpec {
+        retry_of: Some(TaskId::parse("before").expect("id")),
+        ..TaskSpec::new("command", serde_json::json!({"argv": ["true"]}))
+    });
+    // (Not a state a running task is in; every field is set to be carried.)
+    t.retried_by = Some(TaskId::parse("after").expect("id"));
     t.attempt = Attempt(2);
     t.lease = Some(crate::model::Lease {
         worker: WorkerId::parse("w").expect("id"),

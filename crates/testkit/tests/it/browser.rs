@@ -153,14 +153,32 @@ impl Browser {
 
     /// Waits until `expr` evaluates to `want` in the page.
     pub async fn wait_eval(&mut self, what: &str, expr: &str, want: Value) {
+        let wanted = want.to_string();
+        self.wait_for(what, expr, &wanted, |got| *got == want).await;
+    }
+
+    /// Waits until `expr` evaluates to something other than `null` in the page; that value.
+    pub async fn wait_until(&mut self, what: &str, expr: &str) -> Value {
+        self.wait_for(what, expr, "a value", |got| !got.is_null())
+            .await
+    }
+
+    /// Waits until `expr`'s value is one `done` takes (`wanted` says which, if it times out).
+    async fn wait_for(
+        &mut self,
+        what: &str,
+        expr: &str,
+        wanted: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let end = tokio::time::Instant::now() + tether_testkit::DEADLINE;
         loop {
             let got = self.eval(expr).await;
-            if got == want {
-                return;
+            if done(&got) {
+                return got;
             }
             if tokio::time::Instant::now() >= end {
-                panic!("timed out waiting for {what}: `{expr}` is {got}, not {want}");
+                panic!("timed out waiting for {what}: `{expr}` is {got}, not {wanted}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tether_faultproxy::{Direction, Fault, FaultKind, Target};
-use tether_proto::WorkerId;
+use tether_proto::{TaskId, WorkerId};
 use tether_testkit::*;
 use tether_worker::Executors;
 
@@ -150,6 +150,44 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
         .wait_eval("cancel", &task_status(long_id), json!("cancelled"))
         .await;
     assert_eq!(client.status(&long[0]).await, "cancelled");
+
+    // Retried from its detail: a new task with its spec, recorded as its retry, and shown.
+    let click_retry = "document.querySelector('#detail button[data-action=\"retry\"]').click()";
+    browser.eval(click_retry).await;
+    let said = browser
+        .wait_until(
+            "the retry",
+            "(() => { const m = document.querySelector('#control-message').textContent; \
+             return m.startsWith('retry: submitted as ') ? m : null; })()",
+        )
+        .await;
+    let again = said
+        .as_str()
+        .and_then(|m| m.strip_prefix("retry: submitted as "))
+        .map(|id| TaskId::parse(id).expect("a task id"))
+        .expect("the new id");
+    let old = client.task(&long[0]).await;
+    assert_eq!(old["retried_by"], json!(again.as_str()), "{old}");
+    let new = client.task(&again).await;
+    assert_eq!(new["spec"]["retry_of"], json!(long_id), "{new}");
+    assert_eq!(new["spec"]["config"], old["spec"]["config"]);
+    browser
+        .wait_eval(
+            "the retry's detail",
+            "document.querySelector('#detail .retry-of')?.textContent ?? null",
+            json!(format!("retry of {long_id}")),
+        )
+        .await;
+    // The new one runs: the coordinator's refusal of its retry is said.
+    client.wait_status(&again, "running").await;
+    browser.eval(click_retry).await;
+    browser
+        .wait_until(
+            "the refusal",
+            "document.querySelector('#control-message').textContent.includes('only an ended task is retried') || null",
+        )
+        .await;
+    client.control(&again, "cancel").await;
 
     // w2 is cut off by the fault proxy: shown disconnected, then connected again.
     let hole = proxy

@@ -43,8 +43,10 @@ function headers() {
   if (token()) h.Authorization = `Bearer ${token()}`;
   return h;
 }
-async function api(method, path) {
-  const r = await fetch(path, { method, headers: headers() });
+async function api(method, path, json) {
+  const h = headers();
+  if (json !== undefined) h["Content-Type"] = "application/json";
+  const r = await fetch(path, { method, headers: h, body: json === undefined ? undefined : JSON.stringify(json) });
   const body = await r.json().catch(() => null);
   if (!r.ok) throw new Error(body?.error?.message || `${r.status} ${r.statusText}`);
   return body;
@@ -413,8 +415,12 @@ function timeline(task, checkpoints, results, st) {
   const out = [
     el("p", { "data-status": task.status }, badge(task.status), ` ${task.spec.kind}, submitted ${time(task.submitted_at)}`,
       task.finished_at ? `, finished ${time(task.finished_at)}` : "", task.error ? ` — ${task.error}` : ""),
-    el("h2", {}, "Attempts"),
   ];
+  // The task's retries: each a link to that task.
+  const link = (id) => el("a", { href: "#", onclick: (e) => { e.preventDefault(); select(id); } }, el("code", {}, id));
+  if (task.spec.retry_of) out.push(el("p", { class: "retry-of" }, "retry of ", link(task.spec.retry_of)));
+  if (task.retried_by) out.push(el("p", { class: "retried-by" }, "retried by ", link(task.retried_by)));
+  out.push(el("h2", {}, "Attempts"));
   const events = [];
   for (const a of task.attempts || []) {
     events.push([a.started_at, `attempt ${a.attempt} leased to ${a.worker}`]);
@@ -433,10 +439,31 @@ function timeline(task, checkpoints, results, st) {
   return out;
 }
 
+// An ended task submitted again as a new task with its spec, recorded as its retry (the
+// coordinator refuses a task not ended or retried already); the new task is shown.
+async function retry(id) {
+  const task = await api("GET", `/api/v1/tasks/${encodeURIComponent(id)}`);
+  // A token that may not see env values sees placeholders: a copy would run with them.
+  if (task.env_redacted) throw new Error("its env values are hidden from this token: retry it with an admin token");
+  const { task_id, ...spec } = task.spec;
+  const made = await api("POST", "/api/v1/tasks", { ...spec, retry_of: id });
+  return made.task_ids[0];
+}
+
 async function control(action) {
   const id = state.selected;
   if (!id) return;
   const msg = $("#control-message");
+  if (action === "retry") {
+    try {
+      const made = await retry(id);
+      select(made);
+      $("#control-message").textContent = `retry: submitted as ${made}`;
+    } catch (e) {
+      msg.textContent = `retry: ${e.message}`;
+    }
+    return;
+  }
   try {
     await api("POST", `/api/v1/tasks/${encodeURIComponent(id)}/${action}`);
     msg.textContent = `${action}: sent`;
