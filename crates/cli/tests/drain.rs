@@ -1,7 +1,8 @@
 //! `tether drain`, `tether undrain` and `tether retry` against a real coordinator and workers in
 //! this process: a drained worker finishes what it holds and takes nothing new, through a
 //! restart of the coordinator, until undrained; `--wait` ends when it holds nothing, or at its
-//! limit. An ended task runs again as a new task with its spec.
+//! limit. An ended task runs again as a new task with its spec; a task that retries on failure
+//! runs again as its next attempt.
 
 use std::time::Duration;
 
@@ -386,6 +387,67 @@ async fn retry_of_a_run_again_takes_only_its_latest_tries() {
     assert!(err.contains("nothing to retry"), "{err}");
     let all = client.get("/api/v1/tasks?name=run-3").await.1;
     assert_eq!(all.as_array().map(Vec::len), Some(4), "{all}");
+    w.stop().await.expect("w1 stops");
+    c.stop().await;
+}
+
+/// `tether submit --retry-on failed`: a flaky command that fails its first attempt and passes
+/// its second ends completed, through a real worker; both attempts' results are kept, the
+/// first not counted. Asked with one attempt, it is refused before any request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_retries_on_failure_passes_on_its_second_attempt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, base, client, w) = one_worker(&dir).await;
+    let mark = dir.path().join("ran-once");
+    let env = format!("MARK={}", mark.display());
+    let flaky = r#"if [ -e "$MARK" ]; then exit 0; fi; touch "$MARK"; echo flaky >&2; exit 3"#;
+    let submit = |more: &[&str]| {
+        let mut args = vec!["submit", "--env", &env, "--shell", flaky];
+        args.extend_from_slice(more);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let args = submit(&["--retry-on", "failed", "--max-attempts", "1"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = tether(&base, &args).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--max-attempts 2 or more"), "{err}");
+    assert_eq!(
+        client.get("/api/v1/tasks").await.1.as_array().map(Vec::len),
+        Some(0),
+        "nothing submitted"
+    );
+
+    let args = submit(&["--retry-on", "failed,timed_out", "--watch"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = tether(&base, &args).await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let all = client.get("/api/v1/tasks").await.1;
+    let t = &all[0];
+    assert_eq!(t["status"], "completed", "{t}");
+    assert_eq!(
+        t["spec"]["retry_on"],
+        serde_json::json!(["failed", "timed_out"])
+    );
+    let ends: Vec<&str> = t["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .map(|a| a["end"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(ends, ["failed", "completed"], "{t}");
+    let id = TaskId::parse(t["task_id"].as_str().expect("id")).expect("a task id");
+    let (_, results) = client.get(&format!("/api/v1/tasks/{id}/result")).await;
+    let mut stale: Vec<(u64, bool)> = results
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| (r["attempt"].as_u64().unwrap_or(0), r["stale"] == true))
+        .collect();
+    stale.sort_unstable();
+    assert_eq!(stale, [(1, true), (2, false)], "{results}");
+    let (code, out, err) = tether(&base, &["task", id.as_str()]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("retries   on failed, timed_out\n"), "{out}");
     w.stop().await.expect("w1 stops");
     c.stop().await;
 }

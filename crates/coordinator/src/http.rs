@@ -594,7 +594,7 @@ fn specs_of(body: &serde_json::value::RawValue, max: usize) -> Result<Vec<TaskSp
     post,
     path = "/api/v1/tasks",
     tag = "tasks",
-    request_body(content = serde_json::Value, description = "One task spec, or `{\"tasks\": [specs]}`: kind, config, requires, tags, priority, timeout_ms, max_attempts, name, task_id (optional), retry_of (optional: the ended task this one runs again, recorded as its `retried_by`)"),
+    request_body(content = serde_json::Value, description = "One task spec, or `{\"tasks\": [specs]}`: kind, config, requires, tags, priority, timeout_ms, max_attempts, retry_on (`failed`, `timed_out`: ends that run the task again while it has attempts left), name, task_id (optional), retry_of (optional: the ended task this one runs again, recorded as its `retried_by`)"),
     responses(
         (status = 201, description = "Accepted: at least one task was made. A spec whose `task_id` names a task there already, with the same spec, makes nothing and is listed in `existing` (the same: `kind`, `name` and `timeout_ms` equal; `priority` and `max_attempts` with their defaults, 5 and 3, filled in; `config` equal as JSON, spacing and key order aside; `requires` as a set; `tags` as a map)", body = Submitted),
         (status = 200, description = "Every task named was there already with the same spec (as for 201): nothing was made, `existing` lists them all. A submission sent again after its reply was lost is answered so", body = Submitted),

@@ -284,14 +284,19 @@ impl Refused {
 }
 
 /// `disposition`s of [`RESULTS`]: [`disposition`]'s, `cancelled` (a stale result of an
-/// attempt a cancel ended, counted apart) and `adopted` (a finished result of an attempt whose
-/// lease was lost, counted because the task had no counted result yet: answered `recorded`).
+/// attempt a cancel ended, counted apart), `adopted` (a finished result of an attempt whose
+/// lease was lost, counted because the task had no counted result yet: answered `recorded`),
+/// `worker_fault` (the holder could not run the attempt: the task runs again) and `retried`
+/// (an end the task's `retry_on` names: the task runs again); the last two are kept, not
+/// counted, and answered `recorded`.
 pub const RESULT_DISPOSITIONS: &[&str] = &[
     "recorded",
     "duplicate",
     "stale",
     "cancelled",
     "adopted",
+    "worker_fault",
+    "retried",
     "rejected",
 ];
 /// `direction`s of [`ERRORS`].

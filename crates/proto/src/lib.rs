@@ -41,4 +41,4 @@ pub mod whole_file;
 pub use codec::{Batch, DecodeError, decode_coord, decode_worker, encode, is_batch};
 pub use ids::{Attempt, CheckpointId, Seq, TaskId, WorkerId};
 pub use msg::{CoordMsg, PROTOCOL_VERSION, WorkerMsg};
-pub use task::{Outcome, TaskRef, TaskSpec, TaskStatus};
+pub use task::{Outcome, RetryOn, TaskRef, TaskSpec, TaskStatus};

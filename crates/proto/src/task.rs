@@ -38,6 +38,26 @@ pub enum Outcome {
     TimedOut,
 }
 
+/// An end of an attempt, reported by its worker, that runs the task again while it has
+/// attempts left ([`TaskSpec::retry_on`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn {
+    Failed,
+    TimedOut,
+}
+
+impl RetryOn {
+    /// The end `outcome` is, when it is one a task may be retried on.
+    pub fn of(outcome: Outcome) -> Option<Self> {
+        match outcome {
+            Outcome::Failed => Some(Self::Failed),
+            Outcome::TimedOut => Some(Self::TimedOut),
+            Outcome::Completed | Outcome::Cancelled => None,
+        }
+    }
+}
+
 /// Why an attempt failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskError {
@@ -137,9 +157,17 @@ pub struct TaskSpec {
     pub tags: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
-    /// Attempts before a task lost again and again fails; default 3, at most [`MAX_ATTEMPTS`].
+    /// Attempts the task gets: each lease is one, whether it was lost with its worker or
+    /// ended in a way `retry_on` runs again; default 3, at most [`MAX_ATTEMPTS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// Ends of an attempt, as its worker reports them, that run the task again (a flaky test
+    /// that failed, a benchmark that timed out) while it has attempts left: the attempt's
+    /// result is kept, not counted, and the next attempt resumes from the task's latest
+    /// checkpoint, as after a lost one. The last attempt's end is the task's. Default none:
+    /// a reported failure ends the task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_on: Vec<RetryOn>,
     /// Free-form label shown in listings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -186,6 +214,7 @@ impl TaskSpec {
             tags: BTreeMap::new(),
             timeout_ms: None,
             max_attempts: None,
+            retry_on: Vec::new(),
             name: None,
             retry_of: None,
         }
@@ -206,6 +235,18 @@ impl TaskSpec {
             return Err(format!(
                 "max_attempts of {n}; it must be 1..={MAX_ATTEMPTS}"
             ));
+        }
+        let mut on = self.retry_on.clone();
+        on.sort_unstable();
+        on.dedup();
+        if on.len() != self.retry_on.len() {
+            return Err("retry_on: each of failed and timed_out at most once".into());
+        }
+        if !self.retry_on.is_empty() && self.max_attempts == Some(1) {
+            return Err(
+                "retry_on with max_attempts 1 never runs the task again: give max_attempts 2 or more"
+                    .into(),
+            );
         }
         if self.timeout_ms == Some(0) {
             return Err("timeout_ms must be positive".into());
@@ -459,6 +500,42 @@ mod tests {
             spec.max_attempts = Some(n);
             assert_eq!(spec.validate().expect_err("refused"), says);
         }
+    }
+
+    /// `retry_on` reads the two ends a worker reports that may run a task again, each once, and
+    /// needs an attempt to spare; anything else is refused with what to give.
+    #[test]
+    fn retry_on_takes_failed_and_timed_out_once_each_with_attempts_to_spare() {
+        let read = |v: serde_json::Value| serde_json::from_value::<TaskSpec>(v);
+        let spec = read(serde_json::json!({"kind": "sleep", "retry_on": ["failed", "timed_out"]}))
+            .expect("a spec");
+        assert_eq!(spec.retry_on, vec![RetryOn::Failed, RetryOn::TimedOut]);
+        spec.validate().expect("valid");
+        for end in ["completed", "cancelled", "lost"] {
+            let e = read(serde_json::json!({"kind": "sleep", "retry_on": [end]}))
+                .expect_err("not an end to retry on");
+            assert!(e.to_string().contains("unknown variant"), "{end}: {e}");
+        }
+        let mut twice = spec.clone();
+        twice.retry_on = vec![RetryOn::Failed, RetryOn::Failed];
+        assert!(
+            twice
+                .validate()
+                .expect_err("refused")
+                .contains("at most once")
+        );
+        let mut one = spec;
+        one.max_attempts = Some(1);
+        assert!(
+            one.validate()
+                .expect_err("refused")
+                .contains("max_attempts 2 or more")
+        );
+        one.max_attempts = Some(2);
+        one.validate().expect("an attempt to spare");
+        assert_eq!(RetryOn::of(Outcome::TimedOut), Some(RetryOn::TimedOut));
+        assert_eq!(RetryOn::of(Outcome::Completed), None);
+        assert_eq!(RetryOn::of(Outcome::Cancelled), None);
     }
 
     #[test]

@@ -25,13 +25,24 @@ pub struct SubmitArgs {
     /// Timeout, e.g. 10m: more than zero, in whole milliseconds.
     #[arg(long, value_parser = parse_timeout, conflicts_with = "file")]
     timeout: Option<std::time::Duration>,
-    /// Attempts before a task lost again and again fails: 1 to 100 (the API's cap).
+    /// Attempts the task gets (each lease is one, lost with its worker or ended as
+    /// --retry-on names): 1 to 100 (the API's cap); default 3.
     #[arg(
         long,
         value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_ATTEMPTS)),
         conflicts_with = "file"
     )]
     max_attempts: Option<u32>,
+    /// Run the task again when an attempt ends so, while it has attempts left: `failed`,
+    /// `timed_out`, or both (`--retry-on failed,timed_out`); for a flaky test. The last
+    /// attempt's end is the task's; each attempt's result is kept (`tether task`).
+    #[arg(
+        long = "retry-on",
+        value_parser = parse_retry_on,
+        value_delimiter = ',',
+        conflicts_with = "file"
+    )]
+    retry_on: Vec<tether_proto::RetryOn>,
     /// A label shown in listings, and a run's handle: `tether tasks --name` lists the tasks
     /// submitted under it, `tether watch --name` follows them. With `--file`, every task of the
     /// file gets it (one the file names otherwise is refused). At most 1024 bytes (the API's
@@ -311,8 +322,22 @@ fn command_spec(a: &SubmitArgs) -> anyhow::Result<TaskSpec> {
         })
         .transpose()?;
     spec.max_attempts = a.max_attempts;
+    spec.retry_on = a.retry_on.clone();
+    spec.retry_on.sort_unstable();
+    spec.retry_on.dedup();
+    if !spec.retry_on.is_empty() && spec.max_attempts == Some(1) {
+        bail!(
+            "--retry-on with --max-attempts 1 never runs the task again: give --max-attempts 2 or more"
+        );
+    }
     spec.name = a.name.clone();
     Ok(spec)
+}
+
+/// An end of an attempt `--retry-on` names, as the API spells it.
+fn parse_retry_on(s: &str) -> Result<tether_proto::RetryOn, String> {
+    serde_json::from_value(json!(s))
+        .map_err(|_| "an attempt's end a task retries on: failed or timed_out".to_owned())
 }
 
 /// A task's timeout as the API takes it (`timeout_ms`): refused as the arguments are read when
@@ -1056,6 +1081,10 @@ pub async fn task(a: TaskArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = spec["max_attempts"].as_u64() {
         outln!("attempts  at most {n}")?;
+    }
+    if let Some(on) = spec["retry_on"].as_array() {
+        let on: Vec<String> = on.iter().map(s).collect();
+        outln!("retries   on {}", on.join(", "))?;
     }
     outln!("submitted {}", when(&t["submitted_at"]))?;
     if let Some(of) = spec["retry_of"].as_str() {

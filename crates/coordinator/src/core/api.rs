@@ -707,6 +707,7 @@ fn spec_difference(kept: &TaskSpec, new: &TaskSpec) -> Option<String> {
         tags,
         timeout_ms,
         max_attempts,
+        retry_on,
         name,
         retry_of,
     } = new;
@@ -743,6 +744,9 @@ fn spec_difference(kept: &TaskSpec, new: &TaskSpec) -> Option<String> {
     if attempts(*max_attempts) != attempts(kept.max_attempts) {
         let (there, here) = (attempts(kept.max_attempts), attempts(*max_attempts));
         return values("max_attempts", &there, &here);
+    }
+    if retry_on.iter().collect::<BTreeSet<_>>() != kept.retry_on.iter().collect::<BTreeSet<_>>() {
+        return Some("`retry_on` differs".to_owned());
     }
     if *name != kept.name {
         return Some("`name` differs".to_owned());
@@ -837,6 +841,7 @@ mod tests {
                 json!(4),
                 "`max_attempts` differs (3 there, 4 here)",
             ),
+            ("retry_on", json!(["failed"]), "`retry_on` differs"),
             ("name", json!("nightly"), "`name` differs"),
             (
                 "retry_of",

@@ -747,6 +747,9 @@ impl Core {
                 {
                     self.requeue_worker_fault(worker, &r, b);
                     (Disposition::Recorded, "worker_fault")
+                } else if standing == Standing::Holder && self.retried_on(&r) {
+                    self.requeue_retried(worker, &r, b);
+                    (Disposition::Recorded, "retried")
                 } else if standing == Standing::Stale && self.adoptable(worker, &r) {
                     self.supersede_for(&task_id, r.attempt, b);
                     self.record_result(worker, &r, false, b);
@@ -817,6 +820,34 @@ impl Core {
         // The rest first: the requeued task must not go straight back to the same worker.
         self.release_and_requeue_as(&r.task_id, &why, "worker_fault", b);
         self.record_result(worker, r, true, b);
+    }
+
+    /// Whether the holder's result `r` runs its task again instead of ending it: an end the
+    /// spec's `retry_on` names, with an attempt to spare (the last attempt's end is the
+    /// task's, counted as any other).
+    fn retried_on(&self, r: &TaskResult) -> bool {
+        let Some(on) = tether_proto::RetryOn::of(r.outcome) else {
+            return false;
+        };
+        self.tasks.get(&r.task_id).is_some_and(|t| {
+            t.spec.retry_on.contains(&on) && t.attempts_started() < t.max_attempts()
+        })
+    }
+
+    /// The holder's result of an attempt that ended as its task's `retry_on` names: the lease
+    /// ends (the attempt's end its outcome), the task is queued again for its next attempt
+    /// (which resumes from its latest checkpoint, as after a lost one), and the result is kept
+    /// with the attempt, not counted. The worker is not faulted: the task failed, not it.
+    fn requeue_retried(&mut self, worker: &WorkerId, r: &TaskResult, b: &mut Batch) {
+        let end = TaskStatus::from(r.outcome).as_str();
+        let error = r.error.as_ref().map_or("", |e| e.message.as_str());
+        tracing::info!(worker = %worker, task = %r.task_id, attempt = %r.attempt, end, error = ?tether_proto::msg::logged(error), "attempt ended as the task retries on: it runs again");
+        let why = format!("attempt {} {end}, which the task retries on", r.attempt);
+        self.release_and_requeue_as(&r.task_id, &why, end, b);
+        self.record_result(worker, r, true, b);
+        if let Some(w) = self.workers.get_mut(worker) {
+            w.faults_in_row = 0;
+        }
     }
 
     /// Rests `worker` after a fault of its own: it takes no new task for [`WORKER_FAULT_REST`],

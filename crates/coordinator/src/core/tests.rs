@@ -3788,3 +3788,76 @@ fn a_retry_sent_again_under_its_id_is_answered_with_the_task_there() {
     );
     assert_eq!(h.core.tasks[&other].retried_by, None);
 }
+
+/// A task that retries on `failed` runs again after a reported failure while it has attempts
+/// left: the attempt ends `failed`, its result kept and not counted, the next attempt leased
+/// at once (the worker is not rested: the task failed, not it). The last attempt's failure is
+/// the task's end, counted with its error. An end the spec does not name (`timed_out` here)
+/// ends the task at once, as without `retry_on`.
+#[test]
+fn a_task_that_retries_on_failure_runs_again_until_its_last_attempt_fails() {
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let t = h.submit_spec(TaskSpec {
+        retry_on: vec![tether_proto::RetryOn::Failed],
+        max_attempts: Some(3),
+        ..TaskSpec::new("sleep", serde_json::json!({}))
+    });
+    for attempt in 1..=3 {
+        let msgs = drain(&mut rx);
+        assert!(
+            msgs.iter().any(
+                |m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == t && a.attempt == Attempt(attempt))
+            ),
+            "attempt {attempt} leased: {msgs:?}"
+        );
+        h.frame("a", s, faulty(u64::from(attempt), &t, attempt, false));
+        assert!(
+            h.last_muts.iter().any(|m| matches!(m,
+                crate::store::Mutation::PutResult { attempt: a, stale, .. } if *a == Attempt(attempt) && *stale == (attempt < 3))),
+            "attempt {attempt}'s result kept, counted only for the last"
+        );
+        let task = &h.core.tasks[&t];
+        assert_eq!(
+            task.attempts[attempt as usize - 1].end.as_deref(),
+            Some("failed")
+        );
+        assert!(h.core.workers[&wid("a")].resting.is_none(), "not rested");
+        if attempt < 3 {
+            assert_ne!(task.status, TaskStatus::Failed, "attempt {attempt}");
+            assert_eq!(task.outcome, None);
+        }
+    }
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Failed);
+    assert_eq!(task.outcome, Some(Outcome::Failed));
+    assert!(
+        task.error
+            .as_deref()
+            .is_some_and(|e| e.contains("Permission denied")),
+        "the last attempt's error is the task's: {:?}",
+        task.error
+    );
+    assert_eq!(Counters::get(&h.core.counters.results_recorded), 1);
+    // A retried attempt's result sent again (its frame replayed, or under a new number) is
+    // answered as before or as a duplicate: no second retry, the end stands.
+    h.frame("a", s, faulty(1, &t, 1, false));
+    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Recorded);
+    h.frame("a", s, faulty(9, &t, 1, false));
+    assert_eq!(result_ack(&drain(&mut rx)), Disposition::Duplicate);
+    assert_eq!(h.core.tasks[&t].attempts.len(), 3);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Failed);
+
+    let other = h.submit_spec(TaskSpec {
+        retry_on: vec![tether_proto::RetryOn::Failed],
+        ..TaskSpec::new("sleep", serde_json::json!({}))
+    });
+    drain(&mut rx);
+    let WorkerMsg::TaskResult(mut r) = result(4, &other, 1) else {
+        unreachable!()
+    };
+    r.outcome = Outcome::TimedOut;
+    h.frame("a", s, WorkerMsg::TaskResult(r));
+    assert_eq!(h.core.tasks[&other].status, TaskStatus::TimedOut);
+    assert_eq!(h.core.tasks[&other].attempts.len(), 1);
+}
