@@ -90,6 +90,9 @@ enum Cmd {
     /// coordinator records each as its task's one retry (`retried_by`): a task retried
     /// already is refused (retry its retry).
     Retry(client::RetryArgs),
+    /// A run's verdict: its tasks (`--name`), each by its latest try, as a table, JSON or
+    /// JUnit XML (`--junit FILE`) for a CI system; exit 0 only if every one completed.
+    Report(client::ReportArgs),
     /// Drain workers (one or several ids): no new task goes to them, and what they run goes on
     /// to its end; with `--wait`, wait until none holds any. A worker stays drained, across its
     /// restarts and the coordinator's, until undrained.
@@ -119,6 +122,7 @@ impl Cli {
     fn checked(self) -> Result<Self, clap::Error> {
         let refused = match &self.cmd {
             Cmd::Submit(s) => s.check().err().map(|why| ("submit", why)),
+            Cmd::Report(r) => r.check().err().map(|why| ("report", why)),
             Cmd::Worker(w) => w.check().err().map(|why| ("worker", why)),
             _ => None,
         };
@@ -169,7 +173,11 @@ fn main() -> std::process::ExitCode {
         || matches!(&cli.cmd, Cmd::Proxy(p) if p.is_client());
     // Client commands print their own output and log only warnings; the demo prints its own
     // narrative and logs only errors. A level asked for (--log, TETHER_LOG) is what it says.
-    let quiet = client || matches!(cli.cmd, Cmd::Submit(_) | Cmd::Retry(_) | Cmd::Watch(_));
+    let quiet = client
+        || matches!(
+            cli.cmd,
+            Cmd::Submit(_) | Cmd::Retry(_) | Cmd::Watch(_) | Cmd::Report(_)
+        );
     let level = match cli.log.as_deref().filter(|l| !l.is_empty()) {
         Some(asked) => asked,
         None if quiet => "warn",
@@ -218,6 +226,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Resume(a) => client::control(a, "resume").await,
             Cmd::Checkpoint(a) => client::checkpoint(a).await,
             Cmd::Retry(a) => client::retry(a).await,
+            Cmd::Report(a) => client::report(a).await,
             Cmd::Drain(a) => client::drain(a).await,
             Cmd::Undrain(a) => client::undrain(a).await,
             Cmd::Demo(a) => demo::run(a).await,

@@ -114,7 +114,7 @@ async fn run_tasks(api: &Api, name: &str) -> anyhow::Result<BTreeSet<String>> {
     let ids: BTreeSet<String> = run
         .tries
         .iter()
-        .filter_map(|t| t["task_id"].as_str().map(str::to_owned))
+        .filter_map(|t| t.task["task_id"].as_str().map(str::to_owned))
         .collect();
     match (ids.len() == run.named, run.elsewhere) {
         (true, 0) => eprintln!("following the {} tasks named {name:?}", ids.len()),

@@ -2,7 +2,7 @@
 //! this process: a drained worker finishes what it holds and takes nothing new, through a
 //! restart of the coordinator, until undrained; `--wait` ends when it holds nothing, or at its
 //! limit. An ended task runs again as a new task with its spec; a task that retries on failure
-//! runs again as its next attempt.
+//! runs again as its next attempt; a run is judged, and reported, by its latest tries.
 
 use std::time::Duration;
 
@@ -372,6 +372,29 @@ async fn retry_of_a_run_again_takes_only_its_latest_tries() {
         err.contains("latest tries of the 3 tasks named \"run-3\": 2 tasks (0 of"),
         "{err}"
     );
+    // Its report: the failure, with the worker's error, in the table and in JUnit XML.
+    let junit = dir.path().join("run-3.xml");
+    let junit_arg = junit.to_str().expect("a UTF-8 path");
+    let (code, out, err) =
+        tether(&base, &["report", "--name", "run-3", "--junit", junit_arg]).await;
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("1 of the 2 tasks of run \"run-3\" did not complete"),
+        "{err}"
+    );
+    assert!(
+        out.contains(&format!("{} failed: exit status 1", first[0].0)),
+        "{out}"
+    );
+    let xml = std::fs::read_to_string(&junit).expect("the JUnit file");
+    assert!(
+        xml.contains(r#"<testsuite name="run-3" tests="2" failures="1" errors="0" skipped="0""#),
+        "{xml}"
+    );
+    assert!(
+        xml.contains(r#"<failure message="exit status 1" type="failed""#),
+        "{xml}"
+    );
 
     // Again: the retry that failed, not the task it repeated.
     std::fs::write(&ok, b"").expect("the file it needs");
@@ -382,6 +405,34 @@ async fn retry_of_a_run_again_takes_only_its_latest_tries() {
     assert_eq!(second[0].1, format!("(retry of {})", first[0].0));
     let (code, out, err) = tether(&base, &["watch", "--name", "run-3"]).await;
     assert_eq!(code, Some(0), "{out}\n{err}");
+    let (code, out, err) = tether(&base, &["report", "--name", "run-3", "--json"]).await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(report["passed"], true, "{report}");
+    let (code, _, err) = tether(
+        &base,
+        &["report", "--name", "run-3", "--json", "--junit", "-"],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("both write to stdout"), "{err}");
+    assert_eq!(report["flaky"], 1, "{report}");
+    let tries: Vec<(&str, u64)> = report["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| {
+            (
+                t["task_id"].as_str().unwrap_or(""),
+                t["tries"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        tries,
+        [(second[0].0.as_str(), 3), (run[1].as_str(), 1)],
+        "{report}"
+    );
     let (code, _, err) = tether(&base, &["retry", "--of", "run-3"]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("nothing to retry"), "{err}");

@@ -1,5 +1,6 @@
 //! The client commands: submit, tasks, task, workers and the controls.
 
+use super::runs::{latest_tries_named, tasks_by_id};
 use super::table::*;
 use super::*;
 use futures_util::StreamExt as _;
@@ -532,8 +533,8 @@ pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
             let ids: Vec<String> = run_tries
                 .tries
                 .iter()
-                .filter(|t| unfinished(t))
-                .map(|t| s(&t["task_id"]))
+                .filter(|t| unfinished(&t.task))
+                .map(|t| s(&t.task["task_id"]))
                 .collect();
             if ids.is_empty() {
                 eprintln!(
@@ -1572,88 +1573,6 @@ async fn tasks_named(
     Ok((ids, named))
 }
 
-/// The tasks of these ids the coordinator has, by id: read as listings of the ids, as many a
-/// request as the API takes, not one request each.
-async fn tasks_by_id<'a>(
-    api: &Api,
-    ids: impl IntoIterator<Item = &'a str>,
-) -> anyhow::Result<BTreeMap<String, Value>> {
-    let unique: BTreeSet<&str> = ids.into_iter().collect();
-    let unique: Vec<&str> = unique.into_iter().collect();
-    let mut found = BTreeMap::new();
-    for ids in unique.chunks(tether_coordinator::http::LIST_IDS_MAX) {
-        let path = format!("/api/v1/tasks?limit={}&ids={}", ids.len(), ids.join(","));
-        for t in api.get(&path).await?.as_array().into_iter().flatten() {
-            found.insert(s(&t["task_id"]), t.clone());
-        }
-    }
-    Ok(found)
-}
-
-/// A run's latest tries ([`latest_tries_named`]).
-pub(crate) struct RunTries {
-    /// The latest try of each of the run's tasks, each once, the run's own first.
-    pub tries: Vec<Value>,
-    /// How many tasks have the run's name.
-    pub named: usize,
-    /// How many of `tries` are retries named otherwise (`tether retry --of RUN --name NEW`).
-    pub elsewhere: usize,
-}
-
-/// The latest try of each task submitted under `name`: the task itself, or the end of the
-/// chain of retries its `retried_by` starts (each a task submitted with `retry_of`, under any
-/// name), read a link at a time for all of them. A run's verdict is its latest tries': a
-/// failure retried to completion passed. None named is an error, as in [`tasks_named`].
-pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<RunTries> {
-    let query = name_param(name);
-    let mut pages = TaskPages::new(api, &query, 1000);
-    let mut level = Vec::new();
-    while let Some(page) = pages.next().await? {
-        level.extend(page);
-    }
-    let named = level.len();
-    if named == 0 {
-        bail!(
-            "no task named {name:?} at this coordinator (`tether tasks --name` lists a run's tasks)"
-        );
-    }
-    let mut tries = Vec::new();
-    // Every task passed: a task reached twice (as one of the run's, and as the retry of
-    // another of them) is followed once, and a chain cannot loop.
-    let mut passed = BTreeSet::new();
-    loop {
-        let mut next: Vec<(String, Value)> = Vec::new();
-        for t in std::mem::take(&mut level) {
-            if !passed.insert(s(&t["task_id"])) {
-                continue;
-            }
-            match t["retried_by"].as_str() {
-                // Its retry is followed from where it was reached.
-                Some(by) if passed.contains(by) => {}
-                Some(by) => next.push((by.to_owned(), t)),
-                None => tries.push(t),
-            }
-        }
-        if next.is_empty() {
-            break;
-        }
-        let mut found = tasks_by_id(api, next.iter().map(|(by, _)| by.as_str())).await?;
-        for (by, t) in next {
-            // A retry removed by retention before the task it repeats: that task is the latest.
-            match found.remove(&by) {
-                Some(retry) => level.push(retry),
-                None => tries.push(t),
-            }
-        }
-    }
-    let elsewhere = tries.iter().filter(|t| t["spec"]["name"] != name).count();
-    Ok(RunTries {
-        tries,
-        named,
-        elsewhere,
-    })
-}
-
 /// Requests in flight at once when a command acts on many tasks or workers: the answers are
 /// printed in the order the ids were given.
 const CONTROLS_AT_ONCE: usize = 8;
@@ -2115,15 +2034,22 @@ mod tests {
     /// read token saw replaced, is refused saying why.
     #[test]
     fn a_retry_sends_an_ended_tasks_spec_without_its_id() {
+        // (A retry of a retry: its `retry_of` names the task retried now.)
         let spec = json!({"task_id": "t-1", "kind": "command", "priority": 1,
-            "config": {"shell": "make", "env": {"K": "v"}}, "tags": {"os": "linux"}});
+            "config": {"shell": "make", "env": {"K": "v"}}, "tags": {"os": "linux"},
+            "retry_of": "t-0"});
         let t = json!({"task_id": "t-1", "status": "failed", "spec": spec});
         let again = spec_to_retry(&t).expect("an ended task");
         assert_eq!(
             again,
             json!({"kind": "command", "priority": 1,
-                "config": {"shell": "make", "env": {"K": "v"}}, "tags": {"os": "linux"}})
+                "config": {"shell": "make", "env": {"K": "v"}}, "tags": {"os": "linux"},
+                "retry_of": "t-1"})
         );
+        let retried = json!({"task_id": "t-1", "status": "failed", "spec": spec,
+            "retried_by": "t-2"});
+        let e = spec_to_retry(&retried).expect_err("retried").to_string();
+        assert!(e.contains("task t-1 was retried already, by t-2"), "{e}");
         let running = json!({"task_id": "t-1", "status": "running", "spec": spec});
         let e = spec_to_retry(&running).expect_err("running").to_string();
         assert!(e.contains("task t-1 is running: only an ended task"), "{e}");
@@ -2134,7 +2060,9 @@ mod tests {
         assert!(e.contains("hidden from this token"), "{e}");
         // The placeholder's text given as a value, shown to an admin: run again as it is.
         let given = json!({"task_id": "t-1", "status": "completed", "spec": spec});
-        assert_eq!(spec_to_retry(&given).expect("not redacted"), spec);
+        let mut as_it_is = spec.clone();
+        as_it_is["retry_of"] = json!("t-1");
+        assert_eq!(spec_to_retry(&given).expect("not redacted"), as_it_is);
     }
 
     /// A queued task's `waiting` line: what the capable connected workers are doing, or what

@@ -13,13 +13,16 @@ use tether_coordinator::auth::token_lines;
 use tether_proto::TaskSpec;
 
 mod commands;
+mod runs;
 mod table;
 
 pub use commands::{
     CheckpointArgs, ControlArgs, DrainArgs, RetryArgs, SubmitArgs, TaskArgs, TasksArgs,
     UndrainArgs, checkpoint, control, drain, retry, submit, task, tasks, undrain, workers,
 };
-pub(crate) use commands::{away_lines, latest_tries_named, parse_name};
+pub(crate) use commands::{away_lines, parse_name};
+pub(crate) use runs::latest_tries_named;
+pub use runs::{ReportArgs, report};
 pub(crate) use table::shown;
 
 /// Default coordinator address for client commands.

@@ -1,0 +1,718 @@
+//! A run (the tasks of one name) judged by its latest tries: the reading `tether watch --name`
+//! and `tether retry --of` share, and `tether report`, a run's verdict as a table, JSON or a
+//! JUnit XML file for a CI system.
+
+use super::commands::name_param;
+use super::table::*;
+use super::*;
+use futures_util::StreamExt as _;
+use std::collections::{BTreeMap, HashMap};
+
+/// The tasks of these ids the coordinator has, by id: read as listings of the ids, as many a
+/// request as the API takes, not one request each.
+pub(super) async fn tasks_by_id<'a>(
+    api: &Api,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> anyhow::Result<BTreeMap<String, Value>> {
+    let unique: BTreeSet<&str> = ids.into_iter().collect();
+    let unique: Vec<&str> = unique.into_iter().collect();
+    let mut found = BTreeMap::new();
+    for ids in unique.chunks(tether_coordinator::http::LIST_IDS_MAX) {
+        let path = format!("/api/v1/tasks?limit={}&ids={}", ids.len(), ids.join(","));
+        for t in api.get(&path).await?.as_array().into_iter().flatten() {
+            found.insert(s(&t["task_id"]), t.clone());
+        }
+    }
+    Ok(found)
+}
+
+/// The latest try of one of a run's tasks.
+pub(crate) struct Try {
+    /// The latest try: the task itself, or the last retry of it.
+    pub task: Value,
+    /// How many tasks the chain holds, this one included: 1 for a task never retried.
+    pub tries: usize,
+}
+
+/// A run's latest tries ([`latest_tries_named`]).
+pub(crate) struct RunTries {
+    /// The latest try of each of the run's tasks, in the order the run's tasks were
+    /// submitted.
+    pub tries: Vec<Try>,
+    /// How many tasks have the run's name.
+    pub named: usize,
+    /// How many of `tries` are retries named otherwise (`tether retry --of RUN --name NEW`).
+    pub elsewhere: usize,
+}
+
+/// The latest try of each task submitted under `name`: the end of the chain of retries its
+/// `retried_by` starts (each a task submitted with `retry_of`, under any name; a task never
+/// retried is its own latest try). A task of the run that is the retry of another of its tasks
+/// is a link of that task's chain, not a task of its own. The links the run does not hold are
+/// read a link at a time for all the chains at once. None named is an error: a mistyped name
+/// would otherwise be a run with nothing to judge, which passed.
+pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<RunTries> {
+    let query = name_param(name);
+    let mut pages = TaskPages::new(api, &query, 1000);
+    let mut run = Vec::new();
+    while let Some(page) = pages.next().await? {
+        run.extend(page);
+    }
+    let named = run.len();
+    if named == 0 {
+        bail!(
+            "no task named {name:?} at this coordinator (`tether tasks --name` lists a run's tasks)"
+        );
+    }
+    let mut known: HashMap<String, Value> =
+        run.iter().map(|t| (s(&t["task_id"]), t.clone())).collect();
+    let retries_in_run = |t: &Value, known: &HashMap<String, Value>| {
+        t["spec"]["retry_of"]
+            .as_str()
+            .is_some_and(|of| known.contains_key(of))
+    };
+    // Each chain from its first task: (its latest try so far, tries so far).
+    let mut chains: Vec<(Value, usize)> = run
+        .iter()
+        .filter(|t| !retries_in_run(t, &known))
+        .map(|t| (t.clone(), 1))
+        .collect();
+    // Every task passed: a chain cannot loop, whatever the records say. And the retries the
+    // coordinator no longer has (removed by retention before the task they repeat): that task
+    // is the latest it has.
+    let mut passed: BTreeSet<String> = chains.iter().map(|(t, _)| s(&t["task_id"])).collect();
+    let mut gone = BTreeSet::new();
+    loop {
+        // Follow each chain as far as the tasks known go; the links to read next.
+        let mut wanted = BTreeSet::new();
+        for (t, tries) in &mut chains {
+            while let Some(by) = t["retried_by"].as_str().map(str::to_owned) {
+                if passed.contains(&by) || gone.contains(&by) {
+                    break;
+                }
+                let Some(next) = known.get(&by) else {
+                    wanted.insert(by);
+                    break;
+                };
+                *t = next.clone();
+                *tries += 1;
+                passed.insert(by);
+            }
+        }
+        if wanted.is_empty() {
+            break;
+        }
+        let mut found = tasks_by_id(api, wanted.iter().map(String::as_str)).await?;
+        for by in wanted {
+            match found.remove(&by) {
+                Some(next) => {
+                    known.insert(by, next);
+                }
+                None => {
+                    gone.insert(by);
+                }
+            }
+        }
+    }
+    let elsewhere = chains
+        .iter()
+        .filter(|(t, _)| t["spec"]["name"] != name)
+        .count();
+    Ok(RunTries {
+        tries: chains
+            .into_iter()
+            .map(|(task, tries)| Try { task, tries })
+            .collect(),
+        named,
+        elsewhere,
+    })
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// The run: the tasks submitted under this name (`tether submit --name`), each judged by
+    /// its latest try (the task, or the last retry of it).
+    #[arg(long, value_parser = parse_name)]
+    name: String,
+    /// Also write the run as JUnit XML to this file (`-`: to stdout, instead of the table),
+    /// for a CI system: a test case a task, named by what it runs; a failure with the error
+    /// and the output its worker kept; a task that completed after a failure marked flaky.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+}
+
+impl ReportArgs {
+    /// What clap cannot check value by value: the command's own usage errors.
+    pub fn check(&self) -> Result<(), String> {
+        if self.common.json && self.junit.as_deref() == Some(std::path::Path::new("-")) {
+            return Err("--json and --junit - both write to stdout: give --junit a file".into());
+        }
+        Ok(())
+    }
+}
+
+/// Most results read at once for a report's failures.
+const RESULTS_AT_ONCE: usize = 8;
+
+/// Longest text of a task's command a report shows.
+const WHAT_SHOWN: usize = 200;
+
+/// One of a run's tasks in a report: its latest try and what the report says of it.
+struct Case {
+    try_: Try,
+    /// What the task runs, to name it by.
+    what: String,
+    /// Its latest try's last attempt, from its start to its end, in seconds.
+    took: Option<f64>,
+    /// An attempt of it, or an earlier try, ended failed or timed out.
+    failed_before: bool,
+    /// The counted result of a latest try that failed or timed out: its error and output.
+    result: Option<Value>,
+}
+
+impl Case {
+    fn status(&self) -> &str {
+        self.try_.task["status"].as_str().unwrap_or("")
+    }
+
+    fn flaky(&self) -> bool {
+        self.status() == "completed" && self.failed_before
+    }
+
+    fn of(try_: Try) -> Self {
+        let t = &try_.task;
+        let attempts: &[Value] = t["attempts"].as_array().map_or(&[], Vec::as_slice);
+        let failed = |a: &&Value| matches!(a["end"].as_str(), Some("failed" | "timed_out"));
+        let earlier = attempts.len().saturating_sub(1);
+        let failed_before = try_.tries > 1 || attempts[..earlier].iter().any(|a| failed(&a));
+        let took = attempts.last().and_then(|a| {
+            let at = |v: &Value| v.as_str()?.parse::<chrono::DateTime<chrono::Utc>>().ok();
+            let (start, end) = (at(&a["started_at"])?, at(&a["ended_at"])?);
+            Some((end - start).num_milliseconds().max(0) as f64 / 1000.0)
+        });
+        Case {
+            what: what_it_runs(&t["spec"]),
+            took,
+            failed_before,
+            result: None,
+            try_,
+        }
+    }
+
+    /// The error the latest try ended with, if any: the coordinator's, or its result's.
+    fn error(&self) -> Option<String> {
+        let t = &self.try_.task;
+        t["error"]
+            .as_str()
+            .or_else(|| self.result.as_ref()?["body"]["error"]["message"].as_str())
+            .map(str::to_owned)
+    }
+
+    /// The tail of the output stream `which` (`stdout_tail`, `stderr_tail`) its worker kept
+    /// of the latest try, when it was read and the executor keeps one (`command`).
+    fn output(&self, which: &str) -> Option<&str> {
+        let r = &self.result.as_ref()?["body"]["result"];
+        r[which].as_str().filter(|s| !s.is_empty())
+    }
+
+    fn json(&self) -> Value {
+        let t = &self.try_.task;
+        json!({
+            "task_id": t["task_id"],
+            "status": t["status"],
+            "tries": self.try_.tries,
+            "attempts": t["attempts"].as_array().map_or(0, Vec::len),
+            "took_s": self.took,
+            "what": self.what,
+            "error": self.error(),
+            "flaky": self.flaky(),
+        })
+    }
+}
+
+/// What a task runs, in a line: a `command` task's script or program and arguments, another
+/// kind's name and config; cut to [`WHAT_SHOWN`].
+fn what_it_runs(spec: &Value) -> String {
+    let config = &spec["config"];
+    let text = match (spec["kind"].as_str(), config["shell"].as_str()) {
+        (Some("command"), Some(script)) => script.to_owned(),
+        (Some("command"), None) => {
+            let args = config["args"].as_array().into_iter().flatten().map(s);
+            std::iter::once(s(&config["program"]))
+                .chain(args)
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+        _ => format!("{} {}", s(&spec["kind"]), config),
+    };
+    cut_line(&shown(&text), WHAT_SHOWN)
+}
+
+/// `tether report --name RUN`: the run's tasks by their latest tries, as a table (or JSON), and
+/// with `--junit` as JUnit XML; exit 0 only if every latest try completed.
+pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let run = latest_tries_named(&api, &a.name).await?;
+    let mut cases: Vec<Case> = run.tries.into_iter().map(Case::of).collect();
+    // The results of those that failed, for their error and output; a few requests at once.
+    let unfinished: Vec<usize> = (0..cases.len())
+        .filter(|&i| matches!(cases[i].status(), "failed" | "timed_out"))
+        .collect();
+    let paths: Vec<String> = unfinished
+        .iter()
+        .map(|&i| format!("/api/v1/tasks/{}/result", s(&cases[i].try_.task["task_id"])))
+        .collect();
+    let results: Vec<anyhow::Result<Value>> = futures_util::stream::iter(&paths)
+        .map(|p| api.get(p))
+        .buffered(RESULTS_AT_ONCE)
+        .collect()
+        .await;
+    for (i, r) in unfinished.into_iter().zip(results) {
+        let counted = r?
+            .as_array()
+            .and_then(|all| all.iter().find(|r| r["stale"] == false).cloned());
+        cases[i].result = counted;
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for c in &cases {
+        *counts.entry(c.status().to_owned()).or_default() += 1;
+    }
+    let completed = counts.get("completed").copied().unwrap_or(0);
+    let flaky = cases.iter().filter(|c| c.flaky()).count();
+    let to_stdout = a.junit.as_deref() == Some(std::path::Path::new("-"));
+    if let Some(path) = &a.junit {
+        let xml = junit(&a.name, &cases).context("writing the JUnit XML")?;
+        if to_stdout {
+            crate::output::part(&String::from_utf8_lossy(&xml))?;
+        } else {
+            std::fs::write(path, &xml)
+                .with_context(|| format!("cannot write the JUnit XML to {}", path.display()))?;
+        }
+    }
+    if a.common.json {
+        outln!(
+            "{}",
+            json!({
+                "name": a.name,
+                "tasks": cases.iter().map(Case::json).collect::<Vec<_>>(),
+                "counts": counts,
+                "flaky": flaky,
+                "passed": completed == cases.len(),
+            })
+        )?;
+    } else if !to_stdout {
+        let rows: Vec<Vec<String>> = cases
+            .iter()
+            .map(|c| {
+                let t = &c.try_.task;
+                vec![
+                    s(&t["task_id"]),
+                    match c.flaky() {
+                        true => "completed (flaky)".to_owned(),
+                        false => c.status().to_owned(),
+                    },
+                    c.try_.tries.to_string(),
+                    t["attempts"].as_array().map_or(0, Vec::len).to_string(),
+                    c.took.map_or_else(String::new, |s| format!("{s:.1} s")),
+                    c.what.clone(),
+                ]
+            })
+            .collect();
+        print_table(
+            &["TASK", "STATUS", "TRIES", "ATTEMPTS", "TOOK", "WHAT"],
+            &rows,
+        )?;
+        for c in cases.iter().filter(|c| c.status() != "completed") {
+            if let Some(e) = c.error() {
+                outln!(
+                    "{} {}: {}",
+                    s(&c.try_.task["task_id"]),
+                    c.status(),
+                    shown(&e)
+                )?;
+            }
+        }
+        let said: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        outln!(
+            "run {:?}: {} tasks: {}{}",
+            a.name,
+            cases.len(),
+            said.join(", "),
+            match flaky {
+                0 => String::new(),
+                n => format!(" ({n} after a failure: flaky)"),
+            }
+        )?;
+    }
+    if completed < cases.len() {
+        bail!(
+            "{} of the {} tasks of run {:?} did not complete",
+            cases.len() - completed,
+            cases.len(),
+            a.name
+        );
+    }
+    Ok(())
+}
+
+/// The run as a JUnit XML document: one test suite, a test case a task (its latest try),
+/// named by what it runs (the task's id added where two run the same). A task that failed or
+/// timed out is a `failure`, one cancelled `skipped`, one not ended an `error`; the error and
+/// the output its worker kept go with it.
+fn junit(name: &str, cases: &[Case]) -> std::io::Result<Vec<u8>> {
+    use quick_xml::events::{BytesDecl, Event};
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for c in cases {
+        *seen.entry(&c.what).or_default() += 1;
+    }
+    let count = |f: &dyn Fn(&Case) -> bool| cases.iter().filter(|c| f(c)).count().to_string();
+    let failures = count(&|c| matches!(c.status(), "failed" | "timed_out"));
+    let skipped = count(&|c| c.status() == "cancelled");
+    let errors = count(&|c| {
+        !matches!(
+            c.status(),
+            "completed" | "failed" | "timed_out" | "cancelled"
+        )
+    });
+    let time = format!("{:.3}", cases.iter().filter_map(|c| c.took).sum::<f64>());
+    let tests = cases.len().to_string();
+    let mut w = quick_xml::Writer::new_with_indent(Vec::new(), b' ', 2);
+    w.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
+    let suite = [
+        ("name", xml_text(name)),
+        ("tests", tests),
+        ("failures", failures),
+        ("errors", errors),
+        ("skipped", skipped),
+        ("time", time),
+    ];
+    let suite: Vec<(&str, &str)> = suite.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    w.create_element("testsuites")
+        .with_attributes(suite.iter().copied())
+        .write_inner_content(|w| {
+            w.create_element("testsuite")
+                .with_attributes(suite.iter().copied())
+                .write_inner_content(|w| {
+                    for c in cases {
+                        test_case(w, name, c, seen[c.what.as_str()] > 1)?;
+                    }
+                    Ok(())
+                })?;
+            Ok(())
+        })?;
+    let mut xml = w.into_inner();
+    xml.push(b'\n');
+    Ok(xml)
+}
+
+/// One task's `testcase` element ([`junit`]).
+fn test_case(
+    w: &mut quick_xml::Writer<Vec<u8>>,
+    run: &str,
+    c: &Case,
+    same_what: bool,
+) -> std::io::Result<()> {
+    use quick_xml::events::BytesText;
+    let id = s(&c.try_.task["task_id"]);
+    let name = match same_what {
+        true => format!("{} [{id}]", c.what),
+        false => c.what.clone(),
+    };
+    let time = format!("{:.3}", c.took.unwrap_or(0.0));
+    let (name, run) = (xml_text(&name), xml_text(run));
+    let attrs = [
+        ("name", name.as_str()),
+        ("classname", run.as_str()),
+        ("time", time.as_str()),
+    ];
+    w.create_element("testcase")
+        .with_attributes(attrs)
+        .write_inner_content(|w| {
+            let tries = c.try_.tries.to_string();
+            let attempts = c.try_.task["attempts"]
+                .as_array()
+                .map_or(0, Vec::len)
+                .to_string();
+            let flaky = c.flaky().to_string();
+            w.create_element("properties").write_inner_content(|w| {
+                for (k, v) in [
+                    ("task_id", id.as_str()),
+                    ("tries", tries.as_str()),
+                    ("attempts", attempts.as_str()),
+                    ("flaky", flaky.as_str()),
+                ] {
+                    w.create_element("property")
+                        .with_attributes([("name", k), ("value", v)])
+                        .write_empty()?;
+                }
+                Ok(())
+            })?;
+            let status = c.status();
+            let error = xml_text(&c.error().unwrap_or_else(|| status.to_owned()));
+            let stderr = c.output("stderr_tail").map(xml_text);
+            match status {
+                "completed" => {}
+                "failed" | "timed_out" => {
+                    let failure = w
+                        .create_element("failure")
+                        .with_attributes([("message", error.as_str()), ("type", status)]);
+                    match &stderr {
+                        Some(text) => failure.write_text_content(BytesText::new(text))?,
+                        None => failure.write_empty()?,
+                    };
+                }
+                "cancelled" => {
+                    w.create_element("skipped")
+                        .with_attribute(("message", error.as_str()))
+                        .write_empty()?;
+                }
+                other => {
+                    let said = format!("not ended: {other}");
+                    w.create_element("error")
+                        .with_attributes([("message", said.as_str()), ("type", "not_ended")])
+                        .write_empty()?;
+                }
+            }
+            if let Some(out) = c.output("stdout_tail") {
+                w.create_element("system-out")
+                    .write_text_content(BytesText::new(&xml_text(out)))?;
+            }
+            if let Some(err) = &stderr {
+                w.create_element("system-err")
+                    .write_text_content(BytesText::new(err))?;
+            }
+            Ok(())
+        })?;
+    Ok(())
+}
+
+/// `text` as XML 1.0 may hold it: a character it forbids (a control character other than tab,
+/// newline and carriage return, as in a terminal's colour codes) is written as `\xNN`; the
+/// writer escapes the rest.
+fn xml_text(text: &str) -> String {
+    let allowed = |c: char| {
+        matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && c != '\u{FFFE}' && c != '\u{FFFF}')
+    };
+    match text.chars().all(allowed) {
+        true => text.to_owned(),
+        false => text
+            .chars()
+            .map(|c| match allowed(c) {
+                true => c.to_string(),
+                false => format!("\\x{:02x}", u32::from(c)),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(status: &str, what: &str, tries: usize, ends: &[&str], result: Option<Value>) -> Case {
+        let attempts: Vec<Value> = ends
+            .iter()
+            .map(|end| {
+                json!({"end": end, "started_at": "2026-12-07T10:00:00Z",
+                       "ended_at": "2026-12-07T10:00:01.5Z"})
+            })
+            .collect();
+        let task = json!({
+            "task_id": format!("t-{status}-{tries}"),
+            "status": status,
+            "spec": {"kind": "command", "config": {"shell": what}},
+            "attempts": attempts,
+        });
+        let mut c = Case::of(Try { task, tries });
+        c.result = result;
+        c
+    }
+
+    /// An element read back: its name, attributes and text.
+    struct Element {
+        name: String,
+        attrs: Vec<(String, String)>,
+        text: String,
+    }
+
+    impl Element {
+        fn attr(&self, key: &str) -> &str {
+            self.attrs
+                .iter()
+                .find(|(k, _)| k == key)
+                .map_or("", |(_, v)| v.as_str())
+        }
+    }
+
+    /// Every element of a document with its attributes and text, read back by an XML parser:
+    /// a document the parser refuses fails the test.
+    fn read_back(xml: &[u8]) -> Vec<Element> {
+        use quick_xml::events::{BytesStart, Event};
+        let element = |e: &BytesStart| {
+            let attrs = e
+                .attributes()
+                .map(|a| {
+                    let a = a.expect("an attribute");
+                    let v = a.unescape_value().expect("a value").into_owned();
+                    (String::from_utf8_lossy(a.key.as_ref()).into_owned(), v)
+                })
+                .collect();
+            Element {
+                name: String::from_utf8_lossy(e.name().as_ref()).into_owned(),
+                attrs,
+                text: String::new(),
+            }
+        };
+        let mut r = quick_xml::Reader::from_reader(xml);
+        let (mut out, mut open, mut buf) = (Vec::new(), Vec::new(), Vec::new());
+        loop {
+            let text = match r.read_event_into(&mut buf).expect("well-formed XML") {
+                Event::Start(e) => {
+                    open.push(out.len());
+                    out.push(element(&e));
+                    None
+                }
+                Event::Empty(e) => {
+                    out.push(element(&e));
+                    None
+                }
+                Event::End(_) => {
+                    open.pop();
+                    None
+                }
+                Event::Text(t) => Some(t.decode().expect("text").into_owned()),
+                Event::GeneralRef(g) => Some(
+                    match g.decode().expect("a reference").as_ref() {
+                        "lt" => "<",
+                        "gt" => ">",
+                        "amp" => "&",
+                        "quot" => "\"",
+                        "apos" => "'",
+                        other => panic!("an unexpected reference {other}"),
+                    }
+                    .to_owned(),
+                ),
+                Event::Eof => return out,
+                _ => None,
+            };
+            // Text inside an element's own start and end (the writer's indentation between
+            // elements belongs to the element around them).
+            if let (Some(text), Some(&i)) = (text, open.last()) {
+                out[i].text.push_str(&text);
+            }
+            buf.clear();
+        }
+    }
+
+    /// The JUnit document counts each kind of end, names each case by what it runs (the id
+    /// added to two that run the same), carries a failure's error and the output its worker
+    /// kept, escaped, with the control characters XML forbids written out, and marks a task
+    /// that completed after a failure flaky.
+    #[test]
+    fn a_run_in_junit_counts_its_ends_and_carries_each_failure_with_its_output() {
+        let failed = json!({"stale": false, "body": {
+            "error": {"message": "exit status 3"},
+            "result": {"stderr_tail": "assert 1 < 2 & \u{1b}[31mred\u{1b}[0m\n", "stdout_tail": "ran 4 tests"},
+        }});
+        let cases = [
+            case("completed", "pytest a.py", 1, &["completed"], None),
+            case(
+                "completed",
+                "pytest b.py",
+                1,
+                &["failed", "completed"],
+                None,
+            ),
+            case("failed", "pytest c.py <x>", 2, &["failed"], Some(failed)),
+            case("timed_out", "pytest d.py", 1, &["timed_out"], None),
+            case("cancelled", "pytest e.py", 1, &["cancelled"], None),
+            case("running", "same", 1, &[], None),
+            case("queued", "same", 1, &[], None),
+        ];
+        let xml = junit("nightly \"42\"", &cases).expect("written");
+        let doc = read_back(&xml);
+        let suite = doc.iter().find(|e| e.name == "testsuite").expect("a suite");
+        for (key, want) in [
+            ("name", "nightly \"42\""),
+            ("tests", "7"),
+            ("failures", "2"),
+            ("skipped", "1"),
+            ("errors", "2"),
+            ("time", "7.500"),
+        ] {
+            assert_eq!(suite.attr(key), want, "{key}");
+        }
+        let names: Vec<&str> = doc
+            .iter()
+            .filter(|e| e.name == "testcase")
+            .map(|e| e.attr("name"))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "pytest a.py",
+                "pytest b.py",
+                "pytest c.py <x>",
+                "pytest d.py",
+                "pytest e.py",
+                "same [t-running-1]",
+                "same [t-queued-1]"
+            ]
+        );
+        let flaky: Vec<&str> = doc
+            .iter()
+            .filter(|e| e.name == "property" && e.attr("name") == "flaky")
+            .map(|e| e.attr("value"))
+            .collect();
+        assert_eq!(
+            flaky,
+            ["false", "true", "false", "false", "false", "false", "false"]
+        );
+        let failure = doc.iter().find(|e| e.name == "failure").expect("a failure");
+        assert_eq!(failure.attr("message"), "exit status 3");
+        assert_eq!(failure.attr("type"), "failed");
+        assert_eq!(failure.text, "assert 1 < 2 & \\x1b[31mred\\x1b[0m\n");
+        let out = doc
+            .iter()
+            .find(|e| e.name == "system-out")
+            .expect("its stdout");
+        assert_eq!(out.text, "ran 4 tests");
+        let timed_out = doc
+            .iter()
+            .filter(|e| e.name == "failure")
+            .nth(1)
+            .expect("the timeout");
+        assert_eq!(timed_out.attr("type"), "timed_out");
+        let not_ended: Vec<&str> = doc
+            .iter()
+            .filter(|e| e.name == "error")
+            .map(|e| e.attr("message"))
+            .collect();
+        assert_eq!(not_ended, ["not ended: running", "not ended: queued"]);
+    }
+
+    #[test]
+    fn a_task_is_named_by_what_it_runs() {
+        let of = |spec: Value| what_it_runs(&spec);
+        assert_eq!(
+            of(json!({"kind": "command", "config": {"program": "make", "args": ["bench", "-j2"]}})),
+            "make bench -j2"
+        );
+        assert_eq!(
+            of(json!({"kind": "command", "config": {"shell": "make && ./t"}})),
+            "make && ./t"
+        );
+        assert_eq!(
+            of(json!({"kind": "sleep", "config": {"ms": 5}})),
+            r#"sleep {"ms":5}"#
+        );
+        assert!(
+            of(json!({"kind": "command", "config": {"shell": "x".repeat(500)}}))
+                .chars()
+                .count()
+                <= WHAT_SHOWN + 1
+        );
+    }
+}
