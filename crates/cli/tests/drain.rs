@@ -316,6 +316,14 @@ async fn retry_of_a_run_submits_its_unfinished_tasks_again_as_a_new_run() {
         Some(2),
         "the first run as it was: {run}"
     );
+    let (code, out, err) = tether(&base, &["report", "--name", "run-1", "--json"]).await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        (&report["passed"], &report["flaky"]),
+        (&serde_json::json!(true), &serde_json::json!(1)),
+        "{report}"
+    );
     for run in ["run-1-r1", "run-1"] {
         let (code, out, err) = tether(&base, &["retry", "--of", run]).await;
         assert_eq!((code, out.as_str()), (Some(0), ""), "{run}: {err}");

@@ -32,6 +32,18 @@ pub(crate) struct Try {
     pub task: Value,
     /// How many tasks the chain holds, this one included: 1 for a task never retried.
     pub tries: usize,
+    /// An earlier try ended failed or timed out (not one cancelled, say).
+    pub failed_before: bool,
+}
+
+/// Whether task `t` ended failed or timed out, or had an attempt that did (one its spec's
+/// `retry_on` ran again).
+fn failed(t: &Value) -> bool {
+    let ends = t["attempts"].as_array().into_iter().flatten();
+    matches!(t["status"].as_str(), Some("failed" | "timed_out"))
+        || ends
+            .into_iter()
+            .any(|a| matches!(a["end"].as_str(), Some("failed" | "timed_out")))
 }
 
 /// A run's latest tries ([`latest_tries_named`]).
@@ -72,21 +84,25 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
             .is_some_and(|of| known.contains_key(of))
     };
     // Each chain from its first task: (its latest try so far, tries so far).
-    let mut chains: Vec<(Value, usize)> = run
+    let mut chains: Vec<Try> = run
         .iter()
         .filter(|t| !retries_in_run(t, &known))
-        .map(|t| (t.clone(), 1))
+        .map(|t| Try {
+            task: t.clone(),
+            tries: 1,
+            failed_before: false,
+        })
         .collect();
     // Every task passed: a chain cannot loop, whatever the records say. And the retries the
     // coordinator no longer has (removed by retention before the task they repeat): that task
     // is the latest it has.
-    let mut passed: BTreeSet<String> = chains.iter().map(|(t, _)| s(&t["task_id"])).collect();
+    let mut passed: BTreeSet<String> = chains.iter().map(|c| s(&c.task["task_id"])).collect();
     let mut gone = BTreeSet::new();
     loop {
         // Follow each chain as far as the tasks known go; the links to read next.
         let mut wanted = BTreeSet::new();
-        for (t, tries) in &mut chains {
-            while let Some(by) = t["retried_by"].as_str().map(str::to_owned) {
+        for c in &mut chains {
+            while let Some(by) = c.task["retried_by"].as_str().map(str::to_owned) {
                 if passed.contains(&by) || gone.contains(&by) {
                     break;
                 }
@@ -94,8 +110,9 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
                     wanted.insert(by);
                     break;
                 };
-                *t = next.clone();
-                *tries += 1;
+                c.failed_before |= failed(&c.task);
+                c.task = next.clone();
+                c.tries += 1;
                 passed.insert(by);
             }
         }
@@ -116,13 +133,10 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
     }
     let elsewhere = chains
         .iter()
-        .filter(|(t, _)| t["spec"]["name"] != name)
+        .filter(|c| c.task["spec"]["name"] != name)
         .count();
     Ok(RunTries {
-        tries: chains
-            .into_iter()
-            .map(|(task, tries)| Try { task, tries })
-            .collect(),
+        tries: chains,
         named,
         elsewhere,
     })
@@ -166,7 +180,7 @@ struct Case {
     what: String,
     /// Its latest try's last attempt, from its start to its end, in seconds.
     took: Option<f64>,
-    /// An attempt of it, or an earlier try, ended failed or timed out.
+    /// An earlier attempt of its latest try, or an earlier try, ended failed or timed out.
     failed_before: bool,
     /// The counted result of a latest try that failed or timed out: its error and output.
     result: Option<Value>,
@@ -184,9 +198,11 @@ impl Case {
     fn of(try_: Try) -> Self {
         let t = &try_.task;
         let attempts: &[Value] = t["attempts"].as_array().map_or(&[], Vec::as_slice);
-        let failed = |a: &&Value| matches!(a["end"].as_str(), Some("failed" | "timed_out"));
         let earlier = attempts.len().saturating_sub(1);
-        let failed_before = try_.tries > 1 || attempts[..earlier].iter().any(|a| failed(&a));
+        let failed_before = try_.failed_before
+            || attempts[..earlier]
+                .iter()
+                .any(|a| matches!(a["end"].as_str(), Some("failed" | "timed_out")));
         let took = attempts.last().and_then(|a| {
             let at = |v: &Value| v.as_str()?.parse::<chrono::DateTime<chrono::Utc>>().ok();
             let (start, end) = (at(&a["started_at"])?, at(&a["ended_at"])?);
@@ -511,6 +527,8 @@ fn xml_text(text: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A case of a latest try with `status` that runs `what`, after `tries - 1` earlier tries
+    /// (each failed), its attempts ending `ends`.
     fn case(status: &str, what: &str, tries: usize, ends: &[&str], result: Option<Value>) -> Case {
         let attempts: Vec<Value> = ends
             .iter()
@@ -525,7 +543,11 @@ mod tests {
             "spec": {"kind": "command", "config": {"shell": what}},
             "attempts": attempts,
         });
-        let mut c = Case::of(Try { task, tries });
+        let mut c = Case::of(Try {
+            task,
+            tries,
+            failed_before: tries > 1,
+        });
         c.result = result;
         c
     }
@@ -691,6 +713,25 @@ mod tests {
             .map(|e| e.attr("message"))
             .collect();
         assert_eq!(not_ended, ["not ended: running", "not ended: queued"]);
+    }
+
+    /// What makes a completed task flaky: an earlier try or attempt that failed or timed out;
+    /// one cancelled is no failure.
+    #[test]
+    fn a_failure_before_is_an_end_failed_or_timed_out() {
+        let t = |status: &str, ends: &[&str]| {
+            let attempts: Vec<Value> = ends.iter().map(|e| json!({"end": e})).collect();
+            failed(&json!({"status": status, "attempts": attempts}))
+        };
+        assert!(t("failed", &["failed"]));
+        assert!(t("timed_out", &["timed_out"]));
+        assert!(
+            t("completed", &["failed", "completed"]),
+            "retried on failure"
+        );
+        assert!(!t("cancelled", &["cancelled"]));
+        assert!(!t("cancelled", &["lost", "cancelled"]));
+        assert!(!t("completed", &["worker_fault", "completed"]));
     }
 
     #[test]
