@@ -28,12 +28,29 @@ pub(super) async fn tasks_by_id<'a>(
 
 /// The latest try of one of a run's tasks.
 pub(crate) struct Try {
-    /// The latest try: the task itself, or the last retry of it.
+    /// The latest try: the task itself, or the last retry of it, as the API gave it but for
+    /// its spec's config and its latest checkpoint's record ([`slim`]).
     pub task: Value,
+    /// What it runs ([`what_it_runs`]), read before its config was let go.
+    pub what: String,
     /// How many tasks the chain holds, this one included: 1 for a task never retried.
     pub tries: usize,
     /// An earlier try ended failed or timed out (not one cancelled, say).
     pub failed_before: bool,
+}
+
+/// Task `t` as a run's reading keeps it, with what it runs: its spec's config (up to a
+/// frame's size each) and its latest checkpoint's record let go, so that a run of many tasks
+/// costs the client their states, not their configs.
+fn slim(mut t: Value) -> (Value, String) {
+    let what = what_it_runs(&t["spec"]);
+    if let Some(spec) = t["spec"].as_object_mut() {
+        spec.remove("config");
+    }
+    if let Some(task) = t.as_object_mut() {
+        task.remove("latest_checkpoint");
+    }
+    (t, what)
 }
 
 /// Whether task `t` ended failed or timed out, or had an attempt that did (one its spec's
@@ -68,7 +85,7 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
     let mut pages = TaskPages::new(api, &query, 1000);
     let mut run = Vec::new();
     while let Some(page) = pages.next().await? {
-        run.extend(page);
+        run.extend(page.into_iter().map(slim));
     }
     let named = run.len();
     if named == 0 {
@@ -76,19 +93,24 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
             "no task named {name:?} at this coordinator (`tether tasks --name` lists a run's tasks)"
         );
     }
-    let mut known: HashMap<String, Value> =
-        run.iter().map(|t| (s(&t["task_id"]), t.clone())).collect();
-    let retries_in_run = |t: &Value, known: &HashMap<String, Value>| {
-        t["spec"]["retry_of"]
-            .as_str()
-            .is_some_and(|of| known.contains_key(of))
-    };
-    // Each chain from its first task: (its latest try so far, tries so far).
-    let mut chains: Vec<Try> = run
+    // Each task once: in `known` until a chain takes it.
+    let ids: Vec<String> = run.iter().map(|(t, _)| s(&t["task_id"])).collect();
+    let mut known: HashMap<String, (Value, String)> = ids.iter().cloned().zip(run).collect();
+    let first: Vec<&String> = ids
         .iter()
-        .filter(|t| !retries_in_run(t, &known))
-        .map(|t| Try {
-            task: t.clone(),
+        .filter(|id| {
+            let of = known[*id].0["spec"]["retry_of"].as_str();
+            !of.is_some_and(|of| known.contains_key(of))
+        })
+        .collect();
+    // Each chain from its first task (a task of the run that is no retry of another of its
+    // tasks), followed below to its latest try.
+    let mut chains: Vec<Try> = first
+        .into_iter()
+        .filter_map(|id| known.remove(id))
+        .map(|(task, what)| Try {
+            task,
+            what,
             tries: 1,
             failed_before: false,
         })
@@ -106,12 +128,12 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
                 if passed.contains(&by) || gone.contains(&by) {
                     break;
                 }
-                let Some(next) = known.get(&by) else {
+                let Some((next, what)) = known.remove(&by) else {
                     wanted.insert(by);
                     break;
                 };
                 c.failed_before |= failed(&c.task);
-                c.task = next.clone();
+                (c.task, c.what) = (next, what);
                 c.tries += 1;
                 passed.insert(by);
             }
@@ -123,7 +145,7 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
         for by in wanted {
             match found.remove(&by) {
                 Some(next) => {
-                    known.insert(by, next);
+                    known.insert(by, slim(next));
                 }
                 None => {
                     gone.insert(by);
@@ -176,8 +198,6 @@ const WHAT_SHOWN: usize = 200;
 /// One of a run's tasks in a report: its latest try and what the report says of it.
 struct Case {
     try_: Try,
-    /// What the task runs, to name it by.
-    what: String,
     /// Its latest try's last attempt, from its start to its end, in seconds.
     took: Option<f64>,
     /// An earlier attempt of its latest try, or an earlier try, ended failed or timed out.
@@ -209,7 +229,6 @@ impl Case {
             Some((end - start).num_milliseconds().max(0) as f64 / 1000.0)
         });
         Case {
-            what: what_it_runs(&t["spec"]),
             took,
             failed_before,
             result: None,
@@ -241,7 +260,7 @@ impl Case {
             "tries": self.try_.tries,
             "attempts": t["attempts"].as_array().map_or(0, Vec::len),
             "took_s": self.took,
-            "what": self.what,
+            "what": self.try_.what,
             "error": self.error(),
             "flaky": self.flaky(),
         })
@@ -332,7 +351,7 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
                     c.try_.tries.to_string(),
                     t["attempts"].as_array().map_or(0, Vec::len).to_string(),
                     c.took.map_or_else(String::new, |s| format!("{s:.1} s")),
-                    c.what.clone(),
+                    c.try_.what.clone(),
                 ]
             })
             .collect();
@@ -381,7 +400,7 @@ fn junit(name: &str, cases: &[Case]) -> std::io::Result<Vec<u8>> {
     use quick_xml::events::{BytesDecl, Event};
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for c in cases {
-        *seen.entry(&c.what).or_default() += 1;
+        *seen.entry(&c.try_.what).or_default() += 1;
     }
     let count = |f: &dyn Fn(&Case) -> bool| cases.iter().filter(|c| f(c)).count().to_string();
     let failures = count(&|c| matches!(c.status(), "failed" | "timed_out"));
@@ -412,7 +431,7 @@ fn junit(name: &str, cases: &[Case]) -> std::io::Result<Vec<u8>> {
                 .with_attributes(suite.iter().copied())
                 .write_inner_content(|w| {
                     for c in cases {
-                        test_case(w, name, c, seen[c.what.as_str()] > 1)?;
+                        test_case(w, name, c, seen[c.try_.what.as_str()] > 1)?;
                     }
                     Ok(())
                 })?;
@@ -433,8 +452,8 @@ fn test_case(
     use quick_xml::events::BytesText;
     let id = s(&c.try_.task["task_id"]);
     let name = match same_what {
-        true => format!("{} [{id}]", c.what),
-        false => c.what.clone(),
+        true => format!("{} [{id}]", c.try_.what),
+        false => c.try_.what.clone(),
     };
     let time = format!("{:.3}", c.took.unwrap_or(0.0));
     let (name, run) = (xml_text(&name), xml_text(run));
@@ -543,8 +562,10 @@ mod tests {
             "spec": {"kind": "command", "config": {"shell": what}},
             "attempts": attempts,
         });
+        let (task, what) = slim(task);
         let mut c = Case::of(Try {
             task,
+            what,
             tries,
             failed_before: tries > 1,
         });
