@@ -44,6 +44,35 @@ fn held_until(go: &std::path::Path) -> TaskSpec {
     )
 }
 
+/// A worker learns of its drain and undrain at once, not at its next heartbeat's reply: with
+/// heartbeats a minute apart, within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_is_told_of_its_drain_at_once_not_at_its_next_heartbeat() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_coordinator_config(dir.path().join("c"));
+    cfg.heartbeat_interval = Duration::from_secs(60);
+    cfg.heartbeat_timeout = Duration::from_secs(180);
+    let c = spawn_coordinator_with(cfg, None).await;
+    let base = format!("http://{}", c.addr);
+    let mut wc = fast_worker_config(&c.ws_url(), "w1");
+    wc.heartbeat_interval = Duration::from_secs(60);
+    wc.heartbeat_timeout = Duration::from_secs(180);
+    let w = spawn_worker(wc, Executors::builtin());
+    w.wait_state(|s| s == ConnState::Connected).await;
+    for (command, want) in [("drain", true), ("undrain", false)] {
+        let (code, out, err) = tether(&base, &[command, "w1"]).await;
+        assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+        let at_once = tokio::time::timeout(Duration::from_secs(10), async {
+            while w.handle.drained() != want {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        assert!(at_once.await.is_ok(), "{command}: told within 10 s");
+    }
+    w.stop().await.expect("w1 stops");
+    c.stop().await;
+}
+
 /// A `command` task named `name` that fails, in its one attempt, until `ok` exists.
 fn fails_until(ok: &std::path::Path, name: &str) -> TaskSpec {
     let mut spec = TaskSpec::new(

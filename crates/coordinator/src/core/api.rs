@@ -500,6 +500,16 @@ impl Core {
         }
         if w.draining != drain {
             w.draining = drain;
+            // Told at once, not at its next heartbeat's reply (a heartbeat interval later, up
+            // to minutes on a large fleet): a reply that answers no heartbeat.
+            if let Some(s) = &w.session {
+                let told = tether_proto::msg::HeartbeatReply {
+                    response_to: None,
+                    draining: drain,
+                    ..tether_proto::msg::HeartbeatReply::answering(0)
+                };
+                b.send(s, tether_proto::CoordMsg::Heartbeat(told));
+            }
             match drain {
                 true => {
                     tracing::info!(worker = %id, leases = w.leases.len(), "worker drained by request: no new task goes to it; what it holds runs on")

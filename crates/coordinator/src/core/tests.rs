@@ -3185,8 +3185,21 @@ fn a_drained_worker_finishes_what_it_holds_and_takes_nothing_new_until_undrained
     let w = drain_command(&mut h, "a", true).expect("drained");
     assert!(w.draining);
     assert!(told(&h), "the session's heartbeat replies say so");
+    // And the session is told at once, by a reply that answers no heartbeat; once a change.
+    let notices = |rx: &mut super::mailbox::Receiver<Outgoing>| -> Vec<bool> {
+        drain(rx)
+            .into_iter()
+            .filter_map(|m| match m {
+                CoordMsg::Heartbeat(r) if r.response_to.is_none() => Some(r.draining),
+                _ => None,
+            })
+            .collect()
+    };
     assert_eq!(w.leases.len(), 1, "what it holds stays");
     assert_eq!(saved_draining(&h, "a"), Some(true));
+    assert_eq!(notices(&mut rx), [true]);
+    drain_command(&mut h, "a", true).expect("drained again");
+    assert_eq!(notices(&mut rx), [] as [bool; 0], "no change, no notice");
     assert!(matches!(
         drain_command(&mut h, "nobody", true),
         Err(crate::core::ApiError::NotFound(_))
@@ -3226,10 +3239,15 @@ fn a_drained_worker_finishes_what_it_holds_and_takes_nothing_new_until_undrained
     assert!(!told(&h));
     assert_eq!(saved_draining(&h, "a"), Some(false));
     assert_eq!(h.core.tasks[&waiting].status, TaskStatus::Running);
+    let sent = drain(&mut rx2);
     assert!(
-        drain(&mut rx2)
-            .iter()
+        sent.iter()
             .any(|m| matches!(m, CoordMsg::TaskAssignment(a) if a.task_id == waiting))
+    );
+    assert!(
+        sent.iter()
+            .any(|m| matches!(m, CoordMsg::Heartbeat(r) if r.response_to.is_none() && !r.draining)),
+        "told at once it is undrained: {sent:?}"
     );
 }
 
