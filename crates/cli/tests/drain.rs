@@ -488,9 +488,11 @@ async fn a_task_that_retries_on_failure_passes_on_its_second_attempt() {
     let (c, base, client, w) = one_worker(&dir).await;
     let mark = dir.path().join("ran-once");
     let env = format!("MARK={}", mark.display());
-    let flaky = r#"if [ -e "$MARK" ]; then exit 0; fi; touch "$MARK"; echo flaky >&2; exit 3"#;
+    // Its second attempt leaves its figures in its result file.
+    let flaky = r#"if [ -e "$MARK" ]; then printf '{"p50_ms": 2.5}' > "$TETHER_RESULT_FILE"; exit 0; fi
+        touch "$MARK"; echo flaky >&2; exit 3"#;
     let submit = |more: &[&str]| {
-        let mut args = vec!["submit", "--env", &env, "--shell", flaky];
+        let mut args = vec!["submit", "--name", "flaky", "--env", &env, "--shell", flaky];
         args.extend_from_slice(more);
         args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
     };
@@ -533,6 +535,20 @@ async fn a_task_that_retries_on_failure_passes_on_its_second_attempt() {
         .collect();
     stale.sort_unstable();
     assert_eq!(stale, [(1, true), (2, false)], "{results}");
+    let (code, out, err) =
+        tether(&base, &["report", "--name", "flaky", "--outputs", "--json"]).await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let task = &report["tasks"][0];
+    assert_eq!(
+        task["output"],
+        serde_json::json!({"p50_ms": 2.5}),
+        "{report}"
+    );
+    assert_eq!(
+        (&task["flaky"], &task["attempts"]),
+        (&serde_json::json!(true), &serde_json::json!(2))
+    );
     let (code, out, err) = tether(&base, &["task", id.as_str()]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("retries   on failed, timed_out\n"), "{out}");

@@ -340,14 +340,15 @@ impl StateDir {
         &self.dir
     }
 
-    /// Removes the checkpoint directories (`tasks/<task>/`) of tasks neither running nor lost,
-    /// by the rule of the checkpoints swept at open: a crash between journaling a task's result
-    /// and removing its directory left one, which nothing else would ever remove. Called at
-    /// start, before any task runs here (the executor owns the directory of a task it runs);
-    /// those of lost tasks stay, for an attempt that may come back here. What is not a
-    /// directory (the records of an older worker's process groups, `tasks/<task>.group`) is
-    /// left alone. Returns how many were removed; a failure is logged (only disk space is at
-    /// stake).
+    /// Removes the checkpoint directories (`tasks/<task>/`) and result files
+    /// (`tasks/<task>.result.json`, a `command` task's `$TETHER_RESULT_FILE`) of tasks neither
+    /// running nor lost, by the rule of the checkpoints swept at open: a crash between
+    /// journaling a task's result and removing its directory, or as its process ended, left
+    /// one, which nothing else would ever remove. Called at start, before any task runs here
+    /// (the executor owns the directory of a task it runs); those of lost tasks stay, for an
+    /// attempt that may come back here. Anything else (the records of an older worker's
+    /// process groups, `tasks/<task>.group`) is left alone. Returns how many were removed; a
+    /// failure is logged (only disk space is at stake).
     pub fn sweep_task_dirs(&self) -> usize {
         let root = self.dir.join(TASKS_DIR);
         let entries = match std::fs::read_dir(&root) {
@@ -368,24 +369,36 @@ impl StateDir {
         let mut swept = Vec::new();
         for entry in entries.flatten() {
             // Not followed: a link is no directory of the executor's.
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            let kind = entry.file_type().ok();
             let name = entry.file_name();
-            let Some(task) = name.to_str().filter(|_| is_dir) else {
+            let Some(name) = name.to_str() else {
                 continue;
+            };
+            let result_file = name
+                .strip_suffix(crate::executor::command::RESULT_FILE_SUFFIX)
+                .filter(|_| kind.is_some_and(|k| k.is_file()));
+            let task = match (result_file, kind.is_some_and(|k| k.is_dir())) {
+                (Some(task), _) => task,
+                (None, true) => name,
+                (None, false) => continue,
             };
             if needed.contains(task) {
                 continue;
             }
             // Read-only directories a task left in it included.
-            match crate::executor::packing::remove_tree(&entry.path()) {
+            let removed = match result_file {
+                Some(_) => std::fs::remove_file(entry.path()),
+                None => crate::executor::packing::remove_tree(&entry.path()),
+            };
+            match removed {
                 Ok(()) => swept.push(task.to_owned()),
                 Err(error) => {
-                    tracing::warn!(dir = %entry.path().display(), %error, "could not remove the checkpoint directory of a task that ended");
+                    tracing::warn!(path = %entry.path().display(), %error, "could not remove the checkpoint directory or result file of a task that ended");
                 }
             }
         }
         if !swept.is_empty() {
-            tracing::info!(dir = %root.display(), swept = swept.len(), tasks = ?swept, "removed the checkpoint directories of tasks that ended before the previous process could");
+            tracing::info!(dir = %root.display(), swept = swept.len(), tasks = ?swept, "removed the checkpoint directories and result files of tasks that ended before the previous process could");
         }
         swept.len()
     }

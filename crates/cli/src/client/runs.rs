@@ -177,6 +177,12 @@ pub struct ReportArgs {
     /// and the output its worker kept; a task that completed after a failure marked flaky.
     #[arg(long, value_name = "FILE")]
     junit: Option<PathBuf>,
+    /// Also read each task's figures: the `output` its result carries (what a `command` task
+    /// wrote to `$TETHER_RESULT_FILE`), in the JSON beside each task and in JUnit as the
+    /// property `output`. One request a task (8 at once), where only the failures' results are
+    /// read otherwise.
+    #[arg(long)]
+    outputs: bool,
 }
 
 impl ReportArgs {
@@ -202,7 +208,8 @@ struct Case {
     took: Option<f64>,
     /// An earlier attempt of its latest try, or an earlier try, ended failed or timed out.
     failed_before: bool,
-    /// The counted result of a latest try that failed or timed out: its error and output.
+    /// The counted result of its latest try, when read (one that failed or timed out, or with
+    /// `--outputs` every one): its error, its output tails, its figures.
     result: Option<Value>,
 }
 
@@ -252,7 +259,21 @@ impl Case {
         r[which].as_str().filter(|s| !s.is_empty())
     }
 
-    fn json(&self) -> Value {
+    /// The figures its latest try left (`output`), when its result was read and has them.
+    fn figures(&self) -> Option<&Value> {
+        Some(&self.result.as_ref()?["body"]["result"]["output"]).filter(|v| !v.is_null())
+    }
+
+    /// Its line of `--json`; `output` with `outputs` (`null` for none).
+    fn json(&self, outputs: bool) -> Value {
+        let mut v = self.line();
+        if outputs {
+            v["output"] = self.figures().cloned().unwrap_or(Value::Null);
+        }
+        v
+    }
+
+    fn line(&self) -> Value {
         let t = &self.try_.task;
         json!({
             "task_id": t["task_id"],
@@ -291,9 +312,14 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
     let run = latest_tries_named(&api, &a.name).await?;
     let mut cases: Vec<Case> = run.tries.into_iter().map(Case::of).collect();
-    // The results of those that failed, for their error and output; a few requests at once.
+    // The results of those that failed, for their error and output (with --outputs, of every
+    // one that ended, for its figures); a few requests at once.
     let unfinished: Vec<usize> = (0..cases.len())
-        .filter(|&i| matches!(cases[i].status(), "failed" | "timed_out"))
+        .filter(|&i| match cases[i].status() {
+            "failed" | "timed_out" => true,
+            "completed" | "cancelled" => a.outputs,
+            _ => false,
+        })
         .collect();
     let paths: Vec<String> = unfinished
         .iter()
@@ -331,7 +357,7 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
             "{}",
             json!({
                 "name": a.name,
-                "tasks": cases.iter().map(Case::json).collect::<Vec<_>>(),
+                "tasks": cases.iter().map(|c| c.json(a.outputs)).collect::<Vec<_>>(),
                 "counts": counts,
                 "flaky": flaky,
                 "passed": completed == cases.len(),
@@ -471,13 +497,18 @@ fn test_case(
                 .map_or(0, Vec::len)
                 .to_string();
             let flaky = c.flaky().to_string();
+            let figures = c.figures().map(|v| xml_text(&v.to_string()));
             w.create_element("properties").write_inner_content(|w| {
+                let output = figures.as_deref().map(|v| ("output", v));
                 for (k, v) in [
                     ("task_id", id.as_str()),
                     ("tries", tries.as_str()),
                     ("attempts", attempts.as_str()),
                     ("flaky", flaky.as_str()),
-                ] {
+                ]
+                .into_iter()
+                .chain(output)
+                {
                     w.create_element("property")
                         .with_attributes([("name", k), ("value", v)])
                         .write_empty()?;
@@ -659,8 +690,9 @@ mod tests {
             "error": {"message": "exit status 3"},
             "result": {"stderr_tail": "assert 1 < 2 & \u{1b}[31mred\u{1b}[0m\n", "stdout_tail": "ran 4 tests"},
         }});
+        let figures = json!({"stale": false, "body": {"result": {"output": {"p50_ms": 1.5}}}});
         let cases = [
-            case("completed", "pytest a.py", 1, &["completed"], None),
+            case("completed", "pytest a.py", 1, &["completed"], Some(figures)),
             case(
                 "completed",
                 "pytest b.py",
@@ -704,14 +736,22 @@ mod tests {
                 "same [t-queued-1]"
             ]
         );
-        let flaky: Vec<&str> = doc
-            .iter()
-            .filter(|e| e.name == "property" && e.attr("name") == "flaky")
-            .map(|e| e.attr("value"))
-            .collect();
+        // The values of the cases' properties named `name`, in order.
+        let property = |name: &str| -> Vec<&str> {
+            doc.iter()
+                .filter(|e| e.name == "property" && e.attr("name") == name)
+                .map(|e| e.attr("value"))
+                .collect()
+        };
         assert_eq!(
-            flaky,
+            property("flaky"),
             ["false", "true", "false", "false", "false", "false", "false"]
+        );
+        let outputs = property("output");
+        assert_eq!(
+            outputs,
+            [r#"{"p50_ms":1.5}"#],
+            "the figures of the one read"
         );
         let failure = doc.iter().find(|e| e.name == "failure").expect("a failure");
         assert_eq!(failure.attr("message"), "exit status 3");

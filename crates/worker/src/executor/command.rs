@@ -127,6 +127,9 @@ pub const SHELL: &str = "/bin/sh";
 pub const ENV_TASK_ID: &str = "TETHER_TASK_ID";
 pub const ENV_ATTEMPT: &str = "TETHER_ATTEMPT";
 pub const ENV_CHECKPOINT_DIR: &str = "TETHER_CHECKPOINT_DIR";
+/// Where a task may write its result as JSON (a benchmark's figures): read when its process
+/// ends, into the result's `output` ([`read_output`]).
+pub const ENV_RESULT_FILE: &str = "TETHER_RESULT_FILE";
 /// The mark of an attempt's processes, `<executor nonce>:<task>:<attempt>`.
 pub const ENV_TASK_MARK: &str = super::procs::MARK_ENV;
 /// The worker's own secret, when given in the environment (`tether worker`): never inherited
@@ -251,7 +254,13 @@ impl Plan {
             if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
                 return invalid(format!("`env` entry {k:?} is not a valid variable"));
             }
-            if [ENV_TASK_ID, ENV_ATTEMPT, ENV_CHECKPOINT_DIR].contains(&k.as_str())
+            if [
+                ENV_TASK_ID,
+                ENV_ATTEMPT,
+                ENV_CHECKPOINT_DIR,
+                ENV_RESULT_FILE,
+            ]
+            .contains(&k.as_str())
                 || super::procs::is_mark_var(k.as_bytes())
             {
                 return invalid(format!("`env` cannot set {k}; the worker sets it"));
@@ -284,7 +293,13 @@ impl Plan {
         })
     }
 
-    fn command(&self, ctx: &TaskCtx, checkpoint_dir: Option<&Path>, mark: &str) -> Command {
+    fn command(
+        &self,
+        ctx: &TaskCtx,
+        checkpoint_dir: Option<&Path>,
+        result_file: Option<&Path>,
+        mark: &str,
+    ) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
         for setting in WORKER_ENV {
@@ -303,6 +318,10 @@ impl Plan {
         match checkpoint_dir {
             Some(dir) => cmd.env(ENV_CHECKPOINT_DIR, dir),
             None => cmd.env_remove(ENV_CHECKPOINT_DIR),
+        };
+        match result_file {
+            Some(file) => cmd.env(ENV_RESULT_FILE, file),
+            None => cmd.env_remove(ENV_RESULT_FILE),
         };
         if let Some(cwd) = &self.cwd {
             cmd.current_dir(cwd);
@@ -415,7 +434,16 @@ async fn run(
     if ctx.is_cancelled() {
         return Err(ExecError::Cancelled);
     }
-    let mut cmd = plan.command(&ctx, checkpoints.as_ref().map(|c| c.dir.as_path()), &mark);
+    let result_file = match checkpoints.as_ref() {
+        Some(c) => Some(fresh_result_file(&c.dir).await?),
+        None => None,
+    };
+    let mut cmd = plan.command(
+        &ctx,
+        checkpoints.as_ref().map(|c| c.dir.as_path()),
+        result_file.as_deref(),
+        &mark,
+    );
     // Told before the spawn: a worker killed a moment after it leaves processes that carry the
     // mark already.
     let mut watch = super::warden::Watch::start(&mark, kill_grace);
@@ -493,7 +521,13 @@ async fn run(
             if ctx.worker_stopping() {
                 sup.finish_on_stop().await;
             }
-            let result = result(waited.ok(), duration, &out_tail, &err_tail, ctx.max_frame());
+            let output = read_output(result_file.as_deref(), ctx.max_frame()).await;
+            let ran = Ran {
+                status: waited.ok(),
+                duration,
+                output,
+            };
+            let result = result(&ran, &out_tail, &err_tail, ctx.max_frame());
             return Err(ExecError::Stopped { result });
         }
         End::Exited => match waited {
@@ -511,7 +545,76 @@ async fn run(
     sup.finish_checkpoints().await;
     drop(sup);
     tracing::debug!(task_id = %ctx.task_id(), %status, "command exited");
-    outcome(status, duration, &out_tail, &err_tail, ctx.max_frame())
+    let output = read_output(result_file.as_deref(), ctx.max_frame()).await;
+    let ran = Ran {
+        status: Some(status),
+        duration,
+        output,
+    };
+    outcome(&ran, &out_tail, &err_tail, ctx.max_frame())
+}
+
+/// The attempt's result file ([`ENV_RESULT_FILE`]), beside its checkpoint directory
+/// (`tasks/<task>.result.json`: not in it, which is shipped as the checkpoint), with what an
+/// earlier attempt left there removed.
+async fn fresh_result_file(checkpoint_dir: &Path) -> Result<PathBuf, ExecError> {
+    let mut name = checkpoint_dir
+        .file_name()
+        .unwrap_or_default()
+        .to_os_string();
+    name.push(RESULT_FILE_SUFFIX);
+    let file = checkpoint_dir.with_file_name(name);
+    match tokio::fs::remove_file(&file).await {
+        Ok(()) => Ok(file),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(file),
+        Err(e) => Err(ExecError::WorkerFault(format!(
+            "cannot clear the result file {}: {e}",
+            file.display()
+        ))),
+    }
+}
+
+/// What names a task's result file beside its checkpoint directory's name.
+pub const RESULT_FILE_SUFFIX: &str = ".result.json";
+
+/// What the task wrote to its result file, read and removed once its process ended: `None`
+/// when it wrote none (or has none: no checkpoint directory), else its JSON, or why it is no
+/// output: not JSON, or larger than a result message carries (`max_frame`).
+async fn read_output(
+    file: Option<&Path>,
+    max_frame: usize,
+) -> Option<Result<serde_json::Value, String>> {
+    let file = file?.to_owned();
+    let read = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let opened = match std::fs::File::open(&file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => return Some(Err(format!("cannot be read: {e}"))),
+        };
+        let mut bytes = Vec::new();
+        let limit = u64::try_from(max_frame).unwrap_or(u64::MAX);
+        let read = opened.take(limit.saturating_add(1)).read_to_end(&mut bytes);
+        let _ = std::fs::remove_file(&file);
+        Some(match read {
+            Err(e) => Err(format!("cannot be read: {e}")),
+            Ok(n) if n > max_frame => Err(format!(
+                "is larger than a result message carries ({max_frame} bytes)"
+            )),
+            Ok(_) => serde_json::from_slice(&bytes).map_err(|e| format!("is not JSON: {e}")),
+        })
+    })
+    .await;
+    read.unwrap_or_else(|e| Some(Err(format!("cannot be read: {e}"))))
+}
+
+/// How an attempt's process ended, as its result says it.
+struct Ran {
+    /// Its exit status, when known.
+    status: Option<ExitStatus>,
+    duration: Duration,
+    /// What it wrote to its result file ([`read_output`]).
+    output: Option<Result<serde_json::Value, String>>,
 }
 
 /// Starts the attempt's process. A program (or `cwd`) that is missing or may not be run is
@@ -575,17 +678,26 @@ fn spawn_fault_is_the_tasks(e: &std::io::Error) -> bool {
     )
 }
 
-/// Turns an exit status into the task's result.
+/// Turns an exit status into the task's result. A zero exit whose result file is no output
+/// (not JSON, too large) fails: the task said it wrote figures, and they are not there.
 fn outcome(
-    status: ExitStatus,
-    duration: Duration,
+    ran: &Ran,
     out: &Tail,
     err: &Tail,
     max_frame: usize,
 ) -> Result<serde_json::Value, ExecError> {
-    let result = result(Some(status), duration, out, err, max_frame);
+    let result = result(ran, out, err, max_frame);
+    let Some(status) = ran.status else {
+        return Err(ExecError::Failed {
+            message: "ended, its status unknown".into(),
+            result,
+        });
+    };
     let message = match (status.code(), status.signal()) {
-        (Some(0), _) => return Ok(result),
+        (Some(0), _) => match result["output_error"].as_str() {
+            None => return Ok(result),
+            Some(why) => format!("its result file (${ENV_RESULT_FILE}) {why}"),
+        },
         (Some(code), _) => format!("exit status {code}"),
         (None, Some(sig)) => match Signal::try_from(sig) {
             Ok(name) => format!("killed by signal {sig} ({name})"),
@@ -596,20 +708,17 @@ fn outcome(
     Err(ExecError::Failed { message, result })
 }
 
-/// The result of a process that ran: how it ended (when known), how long it ran, its output,
-/// the output cut to fit in a message of `max_frame` ([`fit_tails`]).
-fn result(
-    status: Option<ExitStatus>,
-    duration: Duration,
-    out: &Tail,
-    err: &Tail,
-    max_frame: usize,
-) -> serde_json::Value {
+/// The result of a process that ran: how it ended (when known), how long it ran, what it wrote
+/// to its result file (`output`, or why that is none, `output_error`), its output, the output
+/// cut to fit in a message of `max_frame` ([`fit_tails`]). An `output` that leaves no room
+/// for the rest in a message is said too large instead.
+fn result(ran: &Ran, out: &Tail, err: &Tail, max_frame: usize) -> serde_json::Value {
     let mut out = (out.text(), out.truncated);
     let mut err = (err.text(), err.truncated);
-    let others = serde_json::json!({
+    let status = ran.status;
+    let mut others = serde_json::json!({
         "exit_code": status.and_then(|s| s.code()),
-        "duration_ms": u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        "duration_ms": u64::try_from(ran.duration.as_millis()).unwrap_or(u64::MAX),
         "stdout_tail": "",
         "stderr_tail": "",
         "stdout_truncated": true,
@@ -618,18 +727,29 @@ fn result(
     });
     let room = max_frame
         .saturating_sub(tether_proto::codec::ENVELOPE_BYTES)
-        .saturating_sub(ERROR_ROOM)
-        .saturating_sub(tether_proto::codec::json_len(&others));
+        .saturating_sub(ERROR_ROOM);
+    match &ran.output {
+        None => {}
+        Some(Ok(output)) => {
+            others["output"] = output.clone();
+            if tether_proto::codec::json_len(&others) > room {
+                let map = others.as_object_mut().expect("an object");
+                map.remove("output");
+                map.insert(
+                    "output_error".into(),
+                    format!("is larger than a result message carries ({max_frame} bytes)").into(),
+                );
+            }
+        }
+        Some(Err(why)) => others["output_error"] = why.as_str().into(),
+    }
+    let room = room.saturating_sub(tether_proto::codec::json_len(&others));
     fit_tails(&mut out, &mut err, room);
-    serde_json::json!({
-        "exit_code": others["exit_code"],
-        "duration_ms": others["duration_ms"],
-        "stdout_tail": out.0,
-        "stderr_tail": err.0,
-        "stdout_truncated": out.1,
-        "stderr_truncated": err.1,
-        "signal": others["signal"],
-    })
+    others["stdout_tail"] = out.0.into();
+    others["stderr_tail"] = err.0.into();
+    others["stdout_truncated"] = out.1.into();
+    others["stderr_truncated"] = err.1.into();
+    others
 }
 
 /// Cuts two tails from the front, keeping their ends, until their contents take at most `room`
@@ -2009,7 +2129,7 @@ mod tests {
         let (ctx, _) = ctx(1);
         let envs = |config| {
             let plan = Plan::parse(config).expect("plan");
-            let cmd = plan.command(&ctx, None, "n:t-cmd:1");
+            let cmd = plan.command(&ctx, None, None, "n:t-cmd:1");
             cmd.as_std()
                 .get_envs()
                 .find(|(k, _)| *k == ENV_SECRET)
@@ -2155,7 +2275,7 @@ mod tests {
         }
         let (ctx, _) = ctx(1);
         let plan = Plan::parse(serde_json::json!({"program": "true"})).expect("plan");
-        let cmd = plan.command(&ctx, None, "n:t-cmd:1");
+        let cmd = plan.command(&ctx, None, None, "n:t-cmd:1");
         let passed = cmd
             .as_std()
             .get_envs()
@@ -2163,6 +2283,78 @@ mod tests {
             .and_then(|(_, v)| v)
             .map(|v| v.as_bytes().to_vec());
         assert_eq!(passed.as_deref(), Some(&b"outer:\xe9:1"[..]));
+    }
+
+    /// A task's result file: the JSON it wrote is the result's `output`, read and removed once
+    /// its process ended; none written, no `output`; a file an earlier attempt left is not
+    /// taken for this one's. A zero exit whose file is not JSON, or too large for a result
+    /// message, fails saying so; a non-zero exit keeps its own failure, `output_error` beside
+    /// it. The task cannot set the variable itself.
+    #[tokio::test]
+    async fn the_json_a_task_writes_to_its_result_file_is_its_results_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("cp.result.json");
+        let run = async |script: &str, max_frame: Option<usize>| {
+            let (ctx, _) = ctx(1);
+            if let Some(n) = max_frame {
+                ctx.max_frame.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+            let ctx = ctx.with_checkpoint_dir(dir.path().join("cp"));
+            exec(serde_json::json!({ "shell": script }), ctx).await
+        };
+        let figures = r#"printf '{"p50_ms": 1.5, "runs": [1, 2]}' > "$TETHER_RESULT_FILE""#;
+        let out = run(figures, None).await.expect("exit 0");
+        assert_eq!(
+            out["output"],
+            serde_json::json!({"p50_ms": 1.5, "runs": [1, 2]})
+        );
+        assert_eq!(out["exit_code"], 0);
+        assert!(!file.exists(), "read and removed");
+
+        std::fs::write(&file, br#"{"stale": true}"#).expect("write");
+        let out = run("true", None).await.expect("exit 0");
+        assert!(out.get("output").is_none(), "{out}");
+
+        let (message, result) =
+            failed(run(r#"echo 'p50 1.5' > "$TETHER_RESULT_FILE""#, None).await);
+        assert!(
+            message.starts_with("its result file ($TETHER_RESULT_FILE) is not JSON"),
+            "{message}"
+        );
+        assert!(result.get("output").is_none(), "{result}");
+        assert_eq!(result["exit_code"], 0);
+
+        let (message, result) =
+            failed(run(r#"echo nope > "$TETHER_RESULT_FILE"; exit 4"#, None).await);
+        assert_eq!(message, "exit status 4");
+        assert!(
+            result["output_error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("is not JSON")),
+            "{result}"
+        );
+
+        let big = r#"printf '{"x": "%s"}' "$(head -c 8000 /dev/zero | tr '\0' a)" > "$TETHER_RESULT_FILE""#;
+        let (message, result) = failed(run(big, Some(4096)).await);
+        assert!(
+            message.contains("larger than a result message carries"),
+            "{message}"
+        );
+        assert!(result.get("output").is_none(), "{result}");
+        // A JSON document that fits the file's read but not the message beside the rest.
+        let near = r#"printf '{"x": "%s"}' "$(head -c 4000 /dev/zero | tr '\0' a)" > "$TETHER_RESULT_FILE""#;
+        let (message, result) = failed(run(near, Some(4096)).await);
+        assert!(
+            message.contains("larger than a result message carries"),
+            "{message}"
+        );
+        assert!(tether_proto::codec::json_len(&result) < 4096, "{result}");
+
+        let sets = serde_json::json!({"program": "true", "env": {"TETHER_RESULT_FILE": "/x"}});
+        let Err(e) = Plan::parse(sets) else {
+            panic!("a task setting TETHER_RESULT_FILE is refused");
+        };
+        assert!(format!("{e:?}").contains("the worker sets it"), "{e:?}");
     }
 
     #[tokio::test]

@@ -264,9 +264,10 @@ fn stop_running(
 }
 
 /// A crash between journaling a task's result and removing its checkpoint directory left
-/// `tasks/<task>/` behind, for ever: the next start removes the directories of tasks neither
-/// running nor lost, and keeps those of tasks lost with the previous process (an attempt that
-/// comes back here may own it) and what is not a directory.
+/// `tasks/<task>/` behind, for ever, and one as its process ended its result file
+/// (`tasks/<task>.result.json`): the next start removes those of tasks neither running nor
+/// lost, and keeps those of tasks lost with the previous process (an attempt that comes back
+/// here may own them) and anything else.
 #[tokio::test]
 async fn a_start_sweeps_the_checkpoint_directories_of_tasks_neither_running_nor_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -282,6 +283,9 @@ async fn a_start_sweeps_the_checkpoint_directories_of_tasks_neither_running_nor_
             std::fs::write(tasks.join(t).join("sub").join("f"), b"x").expect("write");
         }
         std::fs::write(tasks.join("not-a-dir"), b"x").expect("write");
+        for t in ["lost", "gone"] {
+            std::fs::write(tasks.join(format!("{t}.result.json")), b"{}").expect("write");
+        }
     }
     let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id);
     cfg.state_dir = Some(dir.path().to_owned());
@@ -300,7 +304,15 @@ async fn a_start_sweeps_the_checkpoint_directories_of_tasks_neither_running_nor_
     );
     assert!(
         tasks.join("not-a-dir").exists(),
-        "only directories are swept"
+        "only directories and result files are swept"
+    );
+    assert!(
+        !tasks.join("gone.result.json").exists(),
+        "the ended task's result file is swept"
+    );
+    assert!(
+        tasks.join("lost.result.json").exists(),
+        "the lost task's result file is kept"
     );
 }
 
