@@ -128,7 +128,7 @@ pub const ENV_TASK_ID: &str = "TETHER_TASK_ID";
 pub const ENV_ATTEMPT: &str = "TETHER_ATTEMPT";
 pub const ENV_CHECKPOINT_DIR: &str = "TETHER_CHECKPOINT_DIR";
 /// Where a task may write its result as JSON (a benchmark's figures): read when its process
-/// ends, into the result's `output` ([`read_output`]).
+/// ends, into the result's `output` (`read_output`).
 pub const ENV_RESULT_FILE: &str = "TETHER_RESULT_FILE";
 /// The mark of an attempt's processes, `<executor nonce>:<task>:<attempt>`.
 pub const ENV_TASK_MARK: &str = super::procs::MARK_ENV;
