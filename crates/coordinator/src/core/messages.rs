@@ -885,7 +885,8 @@ impl Core {
     /// stopped), and its task has no counted result and was not ended by the coordinator.
     /// Finished work is not thrown away for a network's fault; the attempt that replaced it,
     /// queued or running, is superseded ([`Core::supersede_for`]). A task whose attempt ran
-    /// already counted keeps that result; this one is kept stale.
+    /// already counted keeps that result; this one is kept stale. So is an end the task's
+    /// `retry_on` names: it would have run the task again, and its next attempt is under way.
     fn adoptable(&self, worker: &WorkerId, r: &TaskResult) -> bool {
         use tether_proto::Outcome;
         if r.worker_fault
@@ -896,8 +897,12 @@ impl Core {
         {
             return false;
         }
+        let retried_on = |t: &crate::model::Task| {
+            tether_proto::RetryOn::of(r.outcome).is_some_and(|on| t.spec.retry_on.contains(&on))
+        };
         self.tasks.get(&r.task_id).is_some_and(|t| {
             !t.status.is_terminal()
+                && !retried_on(t)
                 && t.attempts.iter().any(|a| {
                     a.attempt == r.attempt
                         && &a.worker == worker

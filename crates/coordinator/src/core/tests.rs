@@ -3879,3 +3879,37 @@ fn a_task_that_retries_on_failure_runs_again_until_its_last_attempt_fails() {
     assert_eq!(h.core.tasks[&other].status, TaskStatus::TimedOut);
     assert_eq!(h.core.tasks[&other].attempts.len(), 1);
 }
+
+/// A late result of a lost attempt that failed, of a task that retries on failure, is no end
+/// of the task: the failure would have run it again, and its next attempt runs already. The
+/// result is kept stale; the next attempt goes on and its end is the task's.
+#[test]
+fn a_late_failure_of_a_task_that_retries_on_failure_is_kept_stale_not_adopted() {
+    let mut h = Harness::new();
+    let (sa, mut rxa) = h.connect("a");
+    let t = h.submit_spec(TaskSpec {
+        retry_on: vec![tether_proto::RetryOn::Failed],
+        ..TaskSpec::new("sleep", serde_json::json!({}))
+    });
+    drain(&mut rxa);
+    h.lose("a", sa, &t);
+    let (sb, mut rxb) = h.assigned("b", Attempt(2));
+    let (sa2, mut rxa2) = h.connect("a");
+    drain(&mut rxa2);
+    h.frame("a", sa2, faulty(1, &t, 1, false));
+    assert_eq!(result_ack(&drain(&mut rxa2)), Disposition::Stale);
+    let task = &h.core.tasks[&t];
+    assert_eq!(task.status, TaskStatus::Running);
+    assert_eq!(task.lease.as_ref().map(|l| l.attempt), Some(Attempt(2)));
+    assert_eq!(task.attempts[1].end, None, "the next attempt runs on");
+    assert_eq!(Counters::get(&h.core.counters.results_adopted), 0);
+    assert!(
+        !drain(&mut rxb)
+            .iter()
+            .any(|m| matches!(m, CoordMsg::CancelTask(_))),
+        "b is not told to stop"
+    );
+    h.frame("b", sb, result(1, &t, 2));
+    assert_eq!(result_ack(&drain(&mut rxb)), Disposition::Recorded);
+    assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed);
+}
