@@ -564,13 +564,29 @@ async fn fresh_result_file(checkpoint_dir: &Path) -> Result<PathBuf, ExecError> 
         .to_os_string();
     name.push(RESULT_FILE_SUFFIX);
     let file = checkpoint_dir.with_file_name(name);
-    match tokio::fs::remove_file(&file).await {
+    let cleared = {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || clear(&file))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    };
+    match cleared {
         Ok(()) => Ok(file),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(file),
         Err(e) => Err(ExecError::WorkerFault(format!(
             "cannot clear the result file {}: {e}",
             file.display()
         ))),
+    }
+}
+
+/// Removes what is at `path`, whatever a task made of it: a file, a link (not followed), or a
+/// directory tree (read-only parts included); nothing there is no error.
+fn clear(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => packing::remove_tree(path),
+        Ok(_) => std::fs::remove_file(path),
     }
 }
 
@@ -595,7 +611,7 @@ async fn read_output(
         let mut bytes = Vec::new();
         let limit = u64::try_from(max_frame).unwrap_or(u64::MAX);
         let read = opened.take(limit.saturating_add(1)).read_to_end(&mut bytes);
-        let _ = std::fs::remove_file(&file);
+        let _ = clear(&file);
         Some(match read {
             Err(e) => Err(format!("cannot be read: {e}")),
             Ok(n) if n > max_frame => Err(format!(
@@ -2323,6 +2339,14 @@ mod tests {
         );
         assert!(result.get("output").is_none(), "{result}");
         assert_eq!(result["exit_code"], 0);
+
+        // A directory where the file goes: no output, and the next attempt starts clear of it
+        // (a task's doing, no fault of the worker's).
+        let (message, _) = failed(run(r#"mkdir -p "$TETHER_RESULT_FILE/x""#, None).await);
+        assert!(message.contains("cannot be read"), "{message}");
+        let out = run("true", None).await.expect("exit 0");
+        assert!(out.get("output").is_none(), "{out}");
+        assert!(!file.exists());
 
         let (message, result) =
             failed(run(r#"echo nope > "$TETHER_RESULT_FILE"; exit 4"#, None).await);
