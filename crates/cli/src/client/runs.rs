@@ -28,8 +28,8 @@ pub(super) async fn tasks_by_id<'a>(
 
 /// The latest try of one of a run's tasks.
 pub(crate) struct Try {
-    /// The latest try: the task itself, or the last retry of it, as the API gave it but for
-    /// its spec's config and its latest checkpoint's record ([`slim`]).
+    /// The latest try: the task itself, or the last retry of it, with the fields a run's
+    /// readers look at ([`slim`]).
     pub task: Value,
     /// What it runs ([`what_it_runs`]), read before its config was let go.
     pub what: String,
@@ -39,18 +39,27 @@ pub(crate) struct Try {
     pub failed_before: bool,
 }
 
-/// Task `t` as a run's reading keeps it, with what it runs: its spec's config (up to a
-/// frame's size each) and its latest checkpoint's record let go, so that a run of many tasks
-/// costs the client their states, not their configs.
-fn slim(mut t: Value) -> (Value, String) {
+/// Task `t` as a run's reading keeps it, with what it runs: the fields the readers of a run
+/// look at (its id, status, error, retry links, name, and its attempts' ends and times), the
+/// rest let go (its config, up to a frame's size; its checkpoint's record, its lease, its
+/// attempts' workers...), so that a run of many tasks costs the client little a task.
+fn slim(t: Value) -> (Value, String) {
     let what = what_it_runs(&t["spec"]);
-    if let Some(spec) = t["spec"].as_object_mut() {
-        spec.remove("config");
-    }
-    if let Some(task) = t.as_object_mut() {
-        task.remove("latest_checkpoint");
-    }
-    (t, what)
+    let attempts: Vec<Value> = t["attempts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| json!({"end": a["end"], "started_at": a["started_at"], "ended_at": a["ended_at"]}))
+        .collect();
+    let kept = json!({
+        "task_id": t["task_id"],
+        "status": t["status"],
+        "error": t["error"],
+        "retried_by": t["retried_by"],
+        "spec": {"name": t["spec"]["name"], "retry_of": t["spec"]["retry_of"]},
+        "attempts": attempts,
+    });
+    (kept, what)
 }
 
 /// Whether task `t` ended failed or timed out, or had an attempt that did (one its spec's
