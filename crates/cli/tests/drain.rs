@@ -698,5 +698,25 @@ async fn retry_of_more_tasks_than_one_submission_takes_sends_them_in_parts() {
     );
     let all = client.get("/api/v1/tasks").await.1;
     assert_eq!(all.as_array().map(Vec::len), Some(3 * old.len()), "{all}");
+    // A file of more tasks than a submission takes is refused whole, saying what to do.
+    let file = tempfile::NamedTempFile::new().expect("a file");
+    let four: Vec<TaskSpec> = (0..4)
+        .map(|_| TaskSpec::new("sleep", serde_json::json!({"ms": 1})))
+        .collect();
+    std::fs::write(
+        file.path(),
+        serde_json::json!({ "tasks": four }).to_string(),
+    )
+    .expect("write");
+    let path = file.path().to_str().expect("a UTF-8 path");
+    let (code, _, err) = tether(&base, &["submit", "--file", path]).await;
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("into several files"), "{err}");
+    let after = client.get("/api/v1/tasks").await.1;
+    assert_eq!(
+        after.as_array().map(Vec::len),
+        Some(3 * old.len()),
+        "none made"
+    );
     c.stop().await;
 }

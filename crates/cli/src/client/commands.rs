@@ -417,7 +417,7 @@ async fn send(a: &SubmitArgs) -> anyhow::Result<(Api, BTreeSet<String>)> {
     };
     let v = api.post_text("/api/v1/tasks", body).await.map_err(|e| {
         if let (Some(r), Some(f)) = (e.downcast_ref::<Refused>(), &a.file)
-            && r.too_large()
+            && r.too_many()
         {
             // What to do about it: the API takes {"tasks": [...]} a request, so several files.
             return anyhow::anyhow!(
