@@ -1547,8 +1547,8 @@ async fn run_to_act_on(api: &Api, name: &str, action: &str) -> anyhow::Result<Ve
 }
 
 /// The ids of the tasks submitted under `name` that `keep` keeps, read page by page, and how
-/// many have the name; an error if none has (the controls of a run and:
-/// a mistyped name would otherwise be a run with nothing to do, which passed).
+/// many have the name; an error if none has (the controls of a run: a mistyped name would
+/// otherwise be a run with nothing to do, which passed).
 async fn tasks_named(
     api: &Api,
     name: &str,
