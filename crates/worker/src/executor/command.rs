@@ -595,7 +595,8 @@ pub const RESULT_FILE_SUFFIX: &str = ".result.json";
 
 /// What the task wrote to its result file, read and removed once its process ended: `None`
 /// when it wrote none (or has none: no checkpoint directory), else its JSON, or why it is no
-/// output: not JSON, or larger than a result message carries (`max_frame`).
+/// output: not JSON, larger than a result message carries (`max_frame`), or no file (a link
+/// is not followed: the worker reads what the task wrote, not what a link points at).
 async fn read_output(
     file: Option<&Path>,
     max_frame: usize,
@@ -603,10 +604,18 @@ async fn read_output(
     let file = file?.to_owned();
     let read = tokio::task::spawn_blocking(move || {
         use std::io::Read;
-        let opened = match std::fs::File::open(&file) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&file);
+        let opened = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => return Some(Err(format!("cannot be read: {e}"))),
+            Err(e) => {
+                let _ = clear(&file);
+                return Some(Err(format!("cannot be read: {e}")));
+            }
         };
         let mut bytes = Vec::new();
         let limit = u64::try_from(max_frame).unwrap_or(u64::MAX);
@@ -2340,6 +2349,19 @@ mod tests {
         assert!(result.get("output").is_none(), "{result}");
         assert_eq!(result["exit_code"], 0);
 
+        // A link where the file goes: not followed, no output, and the link removed (its
+        // target left alone).
+        let target = dir.path().join("target.json");
+        std::fs::write(&target, br#"{"secret": 1}"#).expect("write");
+        let link = format!(r#"ln -s {} "$TETHER_RESULT_FILE""#, target.display());
+        let (message, result) = failed(run(&link, None).await);
+        assert!(message.contains("cannot be read"), "{message}");
+        assert!(result.get("output").is_none(), "{result}");
+        assert!(target.exists(), "the link's target left alone");
+        assert!(
+            std::fs::symlink_metadata(&file).is_err(),
+            "the link removed"
+        );
         // A directory where the file goes: no output, and the next attempt starts clear of it
         // (a task's doing, no fault of the worker's).
         let (message, _) = failed(run(r#"mkdir -p "$TETHER_RESULT_FILE/x""#, None).await);
