@@ -984,3 +984,76 @@ async fn an_agent_stamps_each_attempt_and_registration_when_they_happen() {
     w.stop().await.expect("stop");
     c.stop().await;
 }
+
+/// A task that retries on failure, its failure's acknowledgement (and the next attempt's
+/// assignment) lost in a black hole on the way to the worker: the worker sends the result
+/// again once reconnected, and the coordinator, which ran the task again on it already, takes
+/// it as the duplicate it is. The task runs twice, not three times, ends completed with its
+/// second attempt's figures, and holds one counted result beside the kept failure.
+#[tokio::test]
+async fn a_retried_failure_whose_ack_was_lost_is_not_retried_twice() {
+    let (dir, c, proxy, w) = worker_behind_proxy().await;
+    let client = c.client();
+    let (started, go) = (dir.path().join("started"), dir.path().join("go"));
+    let script = r#"if [ -e "$STARTED" ]; then printf '{"ok": 1}' > "$TETHER_RESULT_FILE"; exit 0; fi
+        touch "$STARTED"; i=0; while [ ! -e "$GO" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
+        exit 1"#;
+    let spec = TaskSpec {
+        retry_on: vec![tether_proto::RetryOn::Failed],
+        ..TaskSpec::new(
+            "command",
+            serde_json::json!({"shell": script, "env": {"STARTED": started, "GO": go}}),
+        )
+    };
+    let id = client.submit(&[spec]).await.remove(0);
+    wait_for("the first attempt to start", DEADLINE, || async {
+        started.exists().then_some(())
+    })
+    .await;
+    let hole = proxy
+        .add_fault(
+            Fault::new("no-acks", FaultKind::Blackhole, Direction::Downstream)
+                .with_target(Target::Workers(vec![WorkerId::parse("w1").expect("id")])),
+        )
+        .await
+        .expect("fault");
+    std::fs::write(&go, b"").expect("go");
+    // The failure reached the coordinator, which ran the task again (on the one worker there
+    // is: its assignment went into the hole with the acknowledgement).
+    wait_for(
+        "the failure recorded and the task run again",
+        DEADLINE,
+        || async {
+            let t = client.task(&id).await;
+            (t["attempts"].as_array().map_or(0, Vec::len) == 2).then_some(())
+        },
+    )
+    .await;
+    w.wait_state(|s| s != ConnState::Connected).await;
+    let fired = hole.remove();
+    assert!(fired.bytes_dropped > 0, "the hole dropped bytes: {fired:?}");
+    client.wait_status(&id, "completed").await;
+    let t = client.task(&id).await;
+    let ends: Vec<&str> = t["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .map(|a| a["end"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(ends, ["failed", "completed"], "{t}");
+    let results = client.results(&id).await;
+    let counted: Vec<&serde_json::Value> = results.iter().filter(|r| r["stale"] == false).collect();
+    assert_eq!((results.len(), counted.len()), (2, 1), "{results:?}");
+    assert_eq!(
+        counted[0]["body"]["result"]["output"],
+        serde_json::json!({"ok": 1})
+    );
+    assert_eq!(w.handle.executions(), 2, "run twice, not three times");
+    let (_, overview) = client.get("/api/v1/overview").await;
+    assert!(
+        overview["counters"]["results_duplicate"].as_u64() >= Some(1),
+        "the failure was sent again, and taken as a duplicate: {overview}"
+    );
+    w.stop().await.expect("stop");
+    c.stop().await;
+}
