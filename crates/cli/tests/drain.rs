@@ -518,13 +518,7 @@ async fn a_task_that_retries_on_failure_passes_on_its_second_attempt() {
         t["spec"]["retry_on"],
         serde_json::json!(["failed", "timed_out"])
     );
-    let ends: Vec<&str> = t["attempts"]
-        .as_array()
-        .expect("attempts")
-        .iter()
-        .map(|a| a["end"].as_str().unwrap_or(""))
-        .collect();
-    assert_eq!(ends, ["failed", "completed"], "{t}");
+    assert_eq!(attempt_ends(t), ["failed", "completed"], "{t}");
     let id = TaskId::parse(t["task_id"].as_str().expect("id")).expect("a task id");
     let (_, results) = client.get(&format!("/api/v1/tasks/{id}/result")).await;
     let mut stale: Vec<(u64, bool)> = results

@@ -446,6 +446,16 @@ where
     FnExecutor(run)
 }
 
+/// How each attempt of `task` (an API task document) ended, in order (`""` for one running).
+pub fn attempt_ends(task: &serde_json::Value) -> Vec<String> {
+    task["attempts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a["end"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
 pub fn sleep_task(ms: u64, steps: u32, checkpoint_every: u32) -> TaskSpec {
     TaskSpec::new(
         "sleep",

@@ -1034,13 +1034,7 @@ async fn a_retried_failure_whose_ack_was_lost_is_not_retried_twice() {
     assert!(fired.bytes_dropped > 0, "the hole dropped bytes: {fired:?}");
     client.wait_status(&id, "completed").await;
     let t = client.task(&id).await;
-    let ends: Vec<&str> = t["attempts"]
-        .as_array()
-        .expect("attempts")
-        .iter()
-        .map(|a| a["end"].as_str().unwrap_or(""))
-        .collect();
-    assert_eq!(ends, ["failed", "completed"], "{t}");
+    assert_eq!(attempt_ends(&t), ["failed", "completed"], "{t}");
     let results = client.results(&id).await;
     let counted: Vec<&serde_json::Value> = results.iter().filter(|r| r["stale"] == false).collect();
     assert_eq!((results.len(), counted.len()), (2, 1), "{results:?}");
