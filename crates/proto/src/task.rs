@@ -220,6 +220,12 @@ impl TaskSpec {
         }
     }
 
+    /// Whether an attempt that ended with `outcome` runs the task again (its `retry_on` names
+    /// that end), attempts allowing.
+    pub fn retries_on(&self, outcome: Outcome) -> bool {
+        RetryOn::of(outcome).is_some_and(|on| self.retry_on.contains(&on))
+    }
+
     /// Checks the fields a coordinator must refuse.
     pub fn validate(&self) -> Result<(), String> {
         if self.kind.is_empty() || self.kind.len() > 64 {
@@ -536,6 +542,13 @@ mod tests {
         assert_eq!(RetryOn::of(Outcome::TimedOut), Some(RetryOn::TimedOut));
         assert_eq!(RetryOn::of(Outcome::Completed), None);
         assert_eq!(RetryOn::of(Outcome::Cancelled), None);
+        assert!(one.retries_on(Outcome::Failed) && one.retries_on(Outcome::TimedOut));
+        assert!(!one.retries_on(Outcome::Completed) && !one.retries_on(Outcome::Cancelled));
+        one.retry_on = vec![RetryOn::Failed];
+        assert!(
+            !one.retries_on(Outcome::TimedOut),
+            "an end it does not name"
+        );
     }
 
     #[test]

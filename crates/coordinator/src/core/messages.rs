@@ -826,11 +826,8 @@ impl Core {
     /// spec's `retry_on` names, with an attempt to spare (the last attempt's end is the
     /// task's, counted as any other).
     fn retried_on(&self, r: &TaskResult) -> bool {
-        let Some(on) = tether_proto::RetryOn::of(r.outcome) else {
-            return false;
-        };
         self.tasks.get(&r.task_id).is_some_and(|t| {
-            t.spec.retry_on.contains(&on) && t.attempts_started() < t.max_attempts()
+            t.spec.retries_on(r.outcome) && t.attempts_started() < t.max_attempts()
         })
     }
 
@@ -897,12 +894,9 @@ impl Core {
         {
             return false;
         }
-        let retried_on = |t: &crate::model::Task| {
-            tether_proto::RetryOn::of(r.outcome).is_some_and(|on| t.spec.retry_on.contains(&on))
-        };
         self.tasks.get(&r.task_id).is_some_and(|t| {
             !t.status.is_terminal()
-                && !retried_on(t)
+                && !t.spec.retries_on(r.outcome)
                 && t.attempts.iter().any(|a| {
                     a.attempt == r.attempt
                         && &a.worker == worker
