@@ -521,13 +521,8 @@ async fn run(
             if ctx.worker_stopping() {
                 sup.finish_on_stop().await;
             }
-            let output = read_output(result_file.as_deref(), ctx.max_frame()).await;
-            let ran = Ran {
-                status: waited.ok(),
-                duration,
-                output,
-            };
-            let result = result(&ran, &out_tail, &err_tail, ctx.max_frame());
+            let ran = Ran::read(duration, result_file.as_deref(), ctx.max_frame()).await;
+            let result = result(waited.ok(), &ran, &out_tail, &err_tail, ctx.max_frame());
             return Err(ExecError::Stopped { result });
         }
         End::Exited => match waited {
@@ -545,13 +540,8 @@ async fn run(
     sup.finish_checkpoints().await;
     drop(sup);
     tracing::debug!(task_id = %ctx.task_id(), %status, "command exited");
-    let output = read_output(result_file.as_deref(), ctx.max_frame()).await;
-    let ran = Ran {
-        status: Some(status),
-        duration,
-        output,
-    };
-    outcome(&ran, &out_tail, &err_tail, ctx.max_frame())
+    let ran = Ran::read(duration, result_file.as_deref(), ctx.max_frame()).await;
+    outcome(status, &ran, &out_tail, &err_tail, ctx.max_frame())
 }
 
 /// The attempt's result file ([`ENV_RESULT_FILE`]), beside its checkpoint directory
@@ -633,13 +623,19 @@ async fn read_output(
     read.unwrap_or_else(|e| Some(Err(format!("cannot be read: {e}"))))
 }
 
-/// How an attempt's process ended, as its result says it.
+/// What an attempt's result says of its process beside its exit status and output tails.
 struct Ran {
-    /// Its exit status, when known.
-    status: Option<ExitStatus>,
     duration: Duration,
     /// What it wrote to its result file ([`read_output`]).
     output: Option<Result<serde_json::Value, String>>,
+}
+
+impl Ran {
+    /// A process that ran `duration`, its result file (if any) read.
+    async fn read(duration: Duration, result_file: Option<&Path>, max_frame: usize) -> Self {
+        let output = read_output(result_file, max_frame).await;
+        Ran { duration, output }
+    }
 }
 
 /// Starts the attempt's process. A program (or `cwd`) that is missing or may not be run is
@@ -706,18 +702,13 @@ fn spawn_fault_is_the_tasks(e: &std::io::Error) -> bool {
 /// Turns an exit status into the task's result. A zero exit whose result file is no output
 /// (not JSON, too large) fails: the task said it wrote figures, and they are not there.
 fn outcome(
+    status: ExitStatus,
     ran: &Ran,
     out: &Tail,
     err: &Tail,
     max_frame: usize,
 ) -> Result<serde_json::Value, ExecError> {
-    let result = result(ran, out, err, max_frame);
-    let Some(status) = ran.status else {
-        return Err(ExecError::Failed {
-            message: "ended, its status unknown".into(),
-            result,
-        });
-    };
+    let result = result(Some(status), ran, out, err, max_frame);
     let message = match (status.code(), status.signal()) {
         (Some(0), _) => match result["output_error"].as_str() {
             None => return Ok(result),
@@ -737,10 +728,15 @@ fn outcome(
 /// to its result file (`output`, or why that is none, `output_error`), its output, the output
 /// cut to fit in a message of `max_frame` ([`fit_tails`]). An `output` that leaves no room
 /// for the rest in a message is said too large instead.
-fn result(ran: &Ran, out: &Tail, err: &Tail, max_frame: usize) -> serde_json::Value {
+fn result(
+    status: Option<ExitStatus>,
+    ran: &Ran,
+    out: &Tail,
+    err: &Tail,
+    max_frame: usize,
+) -> serde_json::Value {
     let mut out = (out.text(), out.truncated);
     let mut err = (err.text(), err.truncated);
-    let status = ran.status;
     let mut others = serde_json::json!({
         "exit_code": status.and_then(|s| s.code()),
         "duration_ms": u64::try_from(ran.duration.as_millis()).unwrap_or(u64::MAX),
