@@ -62,14 +62,16 @@ fn slim(t: Value) -> (Value, String) {
     (kept, what)
 }
 
+/// Whether `end` (a task's status, an attempt's end) is a failure: `failed` or `timed_out`.
+fn is_failure(end: &Value) -> bool {
+    matches!(end.as_str(), Some("failed" | "timed_out"))
+}
+
 /// Whether task `t` ended failed or timed out, or had an attempt that did (one its spec's
 /// `retry_on` ran again).
 fn failed(t: &Value) -> bool {
     let ends = t["attempts"].as_array().into_iter().flatten();
-    matches!(t["status"].as_str(), Some("failed" | "timed_out"))
-        || ends
-            .into_iter()
-            .any(|a| matches!(a["end"].as_str(), Some("failed" | "timed_out")))
+    is_failure(&t["status"]) || ends.into_iter().any(|a| is_failure(&a["end"]))
 }
 
 /// A run's latest tries ([`latest_tries_named`]).
@@ -231,14 +233,17 @@ impl Case {
         self.status() == "completed" && self.failed_before
     }
 
+    /// How many attempts its latest try had.
+    fn attempts(&self) -> usize {
+        self.try_.task["attempts"].as_array().map_or(0, Vec::len)
+    }
+
     fn of(try_: Try) -> Self {
         let t = &try_.task;
         let attempts: &[Value] = t["attempts"].as_array().map_or(&[], Vec::as_slice);
         let earlier = attempts.len().saturating_sub(1);
-        let failed_before = try_.failed_before
-            || attempts[..earlier]
-                .iter()
-                .any(|a| matches!(a["end"].as_str(), Some("failed" | "timed_out")));
+        let failed_before =
+            try_.failed_before || attempts[..earlier].iter().any(|a| is_failure(&a["end"]));
         let took = attempts.last().and_then(|a| {
             let at = |v: &Value| v.as_str()?.parse::<chrono::DateTime<chrono::Utc>>().ok();
             let (start, end) = (at(&a["started_at"])?, at(&a["ended_at"])?);
@@ -275,25 +280,21 @@ impl Case {
 
     /// Its line of `--json`; `output` with `outputs` (`null` for none).
     fn json(&self, outputs: bool) -> Value {
-        let mut v = self.line();
-        if outputs {
-            v["output"] = self.figures().cloned().unwrap_or(Value::Null);
-        }
-        v
-    }
-
-    fn line(&self) -> Value {
         let t = &self.try_.task;
-        json!({
+        let mut v = json!({
             "task_id": t["task_id"],
             "status": t["status"],
             "tries": self.try_.tries,
-            "attempts": t["attempts"].as_array().map_or(0, Vec::len),
+            "attempts": self.attempts(),
             "took_s": self.took,
             "what": self.try_.what,
             "error": self.error(),
             "flaky": self.flaky(),
-        })
+        });
+        if outputs {
+            v["output"] = self.figures().cloned().unwrap_or(Value::Null);
+        }
+        v
     }
 }
 
@@ -324,10 +325,9 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
     // The results of those that failed, for their error and output (with --outputs, of every
     // one that ended, for its figures); a few requests at once.
     let unfinished: Vec<usize> = (0..cases.len())
-        .filter(|&i| match cases[i].status() {
-            "failed" | "timed_out" => true,
-            "completed" | "cancelled" => a.outputs,
-            _ => false,
+        .filter(|&i| match &cases[i].try_.task["status"] {
+            s if is_failure(s) => true,
+            s => a.outputs && matches!(s.as_str(), Some("completed" | "cancelled")),
         })
         .collect();
     let paths: Vec<String> = unfinished
@@ -384,7 +384,7 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
                         false => c.status().to_owned(),
                     },
                     c.try_.tries.to_string(),
-                    t["attempts"].as_array().map_or(0, Vec::len).to_string(),
+                    c.attempts().to_string(),
                     c.took.map_or_else(String::new, |s| format!("{s:.1} s")),
                     c.try_.what.clone(),
                 ]
@@ -438,7 +438,7 @@ fn junit(name: &str, cases: &[Case]) -> std::io::Result<Vec<u8>> {
         *seen.entry(&c.try_.what).or_default() += 1;
     }
     let count = |f: &dyn Fn(&Case) -> bool| cases.iter().filter(|c| f(c)).count().to_string();
-    let failures = count(&|c| matches!(c.status(), "failed" | "timed_out"));
+    let failures = count(&|c| is_failure(&c.try_.task["status"]));
     let skipped = count(&|c| c.status() == "cancelled");
     let errors = count(&|c| {
         !matches!(
@@ -501,10 +501,7 @@ fn test_case(
         .with_attributes(attrs)
         .write_inner_content(|w| {
             let tries = c.try_.tries.to_string();
-            let attempts = c.try_.task["attempts"]
-                .as_array()
-                .map_or(0, Vec::len)
-                .to_string();
+            let attempts = c.attempts().to_string();
             let flaky = c.flaky().to_string();
             let figures = c.figures().map(|v| xml_text(&v.to_string()));
             w.create_element("properties").write_inner_content(|w| {
