@@ -905,6 +905,16 @@ impl HeartbeatReply {
             timestamp: now(),
         }
     }
+
+    /// A reply that answers no heartbeat (`response_to` null) and says whether the worker is
+    /// drained: sent at once when an operator drains or undrains it.
+    pub fn drain_notice(draining: bool) -> Self {
+        Self {
+            response_to: None,
+            draining,
+            ..Self::answering(0)
+        }
+    }
 }
 
 /// Actions a heartbeat reply may carry (the original's vocabulary).

@@ -503,11 +503,7 @@ impl Core {
             // Told at once, not at its next heartbeat's reply (a heartbeat interval later, up
             // to minutes on a large fleet): a reply that answers no heartbeat.
             if let Some(s) = &w.session {
-                let told = tether_proto::msg::HeartbeatReply {
-                    response_to: None,
-                    draining: drain,
-                    ..tether_proto::msg::HeartbeatReply::answering(0)
-                };
+                let told = tether_proto::msg::HeartbeatReply::drain_notice(drain);
                 b.send(s, tether_proto::CoordMsg::Heartbeat(told));
             }
             match drain {
