@@ -369,28 +369,22 @@ impl StateDir {
         let mut swept = Vec::new();
         for entry in entries.flatten() {
             // Not followed: a link is no directory of the executor's.
-            let kind = entry.file_type().ok();
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
             let name = entry.file_name();
             let Some(name) = name.to_str() else {
                 continue;
             };
-            let result_file = name
-                .strip_suffix(crate::executor::command::RESULT_FILE_SUFFIX)
-                .filter(|_| kind.is_some_and(|k| k.is_file()));
-            let task = match (result_file, kind.is_some_and(|k| k.is_dir())) {
-                (Some(task), _) => task,
-                (None, true) => name,
-                (None, false) => continue,
+            // A task's directory, or its result file (a file or a link the task made of it).
+            let task = match name.strip_suffix(crate::executor::command::RESULT_FILE_SUFFIX) {
+                Some(task) if !is_dir => task,
+                _ if is_dir => name,
+                _ => continue,
             };
             if needed.contains(task) {
                 continue;
             }
             // Read-only directories a task left in it included.
-            let removed = match result_file {
-                Some(_) => std::fs::remove_file(entry.path()),
-                None => crate::executor::packing::remove_tree(&entry.path()),
-            };
-            match removed {
+            match crate::executor::command::clear(&entry.path()) {
                 Ok(()) => swept.push(task.to_owned()),
                 Err(error) => {
                     tracing::warn!(path = %entry.path().display(), %error, "could not remove the checkpoint directory or result file of a task that ended");

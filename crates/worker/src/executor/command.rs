@@ -571,7 +571,7 @@ async fn fresh_result_file(checkpoint_dir: &Path) -> Result<PathBuf, ExecError> 
 
 /// Removes what is at `path`, whatever a task made of it: a file, a link (not followed), or a
 /// directory tree (read-only parts included); nothing there is no error.
-fn clear(path: &Path) -> std::io::Result<()> {
+pub(crate) fn clear(path: &Path) -> std::io::Result<()> {
     match std::fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),

@@ -286,6 +286,9 @@ async fn a_start_sweeps_the_checkpoint_directories_of_tasks_neither_running_nor_
         for t in ["lost", "gone"] {
             std::fs::write(tasks.join(format!("{t}.result.json")), b"{}").expect("write");
         }
+        // A link a task made its result file: removed as one (its target left alone).
+        std::os::unix::fs::symlink(tasks.join("not-a-dir"), tasks.join("linked.result.json"))
+            .expect("symlink");
     }
     let mut cfg = tether_worker::WorkerConfig::new("ws://coordinator.invalid:1", id);
     cfg.state_dir = Some(dir.path().to_owned());
@@ -313,6 +316,10 @@ async fn a_start_sweeps_the_checkpoint_directories_of_tasks_neither_running_nor_
     assert!(
         tasks.join("lost.result.json").exists(),
         "the lost task's result file is kept"
+    );
+    assert!(
+        std::fs::symlink_metadata(tasks.join("linked.result.json")).is_err(),
+        "a result file made a link is swept"
     );
 }
 
