@@ -84,6 +84,18 @@ fn fails_until(ok: &std::path::Path, name: &str) -> TaskSpec {
     spec
 }
 
+/// A run `name` of two tasks, submitted and waited for until each ended: the first failed
+/// ([`fails_until`] `ok`, which does not exist yet), the second completed. Their ids.
+async fn one_failed_one_passed(client: &Client, ok: &std::path::Path, name: &str) -> Vec<TaskId> {
+    let fails = fails_until(ok, name);
+    let mut passes = fails.clone();
+    passes.config = serde_json::json!({"shell": "true"}).into();
+    let run = client.submit(&[fails, passes]).await;
+    client.wait_status(&run[0], "failed").await;
+    client.wait_status(&run[1], "completed").await;
+    run
+}
+
 /// Waits until worker `w` knows it is drained (`want`) or not, from its heartbeat replies;
 /// fails the test, saying `what`, if it did not within [`LONG`].
 async fn told(w: &TestWorker, want: bool, what: &str) {
@@ -319,12 +331,7 @@ async fn retry_of_a_run_submits_its_unfinished_tasks_again_as_a_new_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (c, base, client, w) = one_worker(&dir).await;
     let ok = dir.path().join("ok");
-    let fails = fails_until(&ok, "run-1");
-    let mut passes = fails.clone();
-    passes.config = serde_json::json!({"shell": "true"}).into();
-    let tasks = client.submit(&[fails, passes]).await;
-    client.wait_status(&tasks[0], "failed").await;
-    client.wait_status(&tasks[1], "completed").await;
+    let tasks = one_failed_one_passed(&client, &ok, "run-1").await;
 
     std::fs::write(&ok, b"").expect("the file it needs");
     let (code, out, err) = tether(&base, &["retry", "--of", "run-1", "--name", "run-1-r1"]).await;
@@ -380,12 +387,7 @@ async fn retry_of_a_run_again_takes_only_its_latest_tries() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (c, base, client, w) = one_worker(&dir).await;
     let ok = dir.path().join("ok");
-    let spec = fails_until(&ok, "run-3");
-    let mut passes = spec.clone();
-    passes.config = serde_json::json!({"shell": "true"}).into();
-    let run = client.submit(&[spec, passes]).await;
-    client.wait_status(&run[0], "failed").await;
-    client.wait_status(&run[1], "completed").await;
+    let run = one_failed_one_passed(&client, &ok, "run-3").await;
 
     let retried = |out: &str| -> Vec<(TaskId, String)> {
         // (With --watch, the watch's lines follow.)
