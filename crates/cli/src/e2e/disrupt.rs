@@ -339,26 +339,28 @@ impl System {
         }
     }
 
-    /// `drain`: drains its worker through the API. Returns when the coordinator answered:
-    /// from then on no task may start on it.
-    pub async fn drain(&self, d: &Disruption) -> anyhow::Result<DateTime<Utc>> {
+    /// `drain`: drains its worker through the API. Returns when the request was sent and
+    /// when the coordinator answered: from then on no task may start on it (the worker may
+    /// be told before the answer arrives here, the coordinator telling it at once).
+    pub async fn drain(&self, d: &Disruption) -> anyhow::Result<(DateTime<Utc>, DateTime<Utc>)> {
         let Some(worker) = d.target.and_then(|i| self.workers.get(i)) else {
             anyhow::bail!("drain needs a target");
         };
         let path = format!("/api/v1/workers/{}/drain", worker.id);
+        let asked = Utc::now();
         self.coordinator
             .api
             .post(&path, &serde_json::json!({}))
             .await?;
-        Ok(Utc::now())
+        Ok((asked, Utc::now()))
     }
 
     /// Applies `d`, holds it, removes it, and waits for the fleet to be whole again. A `drain`
-    /// was put in place by [`System::drain`] at `drained_at`.
+    /// was put in place by [`System::drain`], asked and answered at `drained_at`.
     pub async fn apply(
         &mut self,
         d: &Disruption,
-        drained_at: Option<DateTime<Utc>>,
+        drained_at: Option<(DateTime<Utc>, DateTime<Utc>)>,
     ) -> anyhow::Result<Observation> {
         let retargeted;
         let d = match d.kind {
@@ -393,7 +395,7 @@ impl System {
             (false, _) => vec![],
         };
         let frames_before = frame_counters(self).await;
-        let started_at = drained_at.unwrap_or_else(Utc::now);
+        let started_at = drained_at.map_or_else(Utc::now, |(_, answered)| answered);
         let mut note = String::new();
         let mut drained_between = None;
         let mut shape_stats = None;
@@ -524,7 +526,7 @@ impl System {
                 None
             }
             (None, Kind::Drain) => {
-                let (Some(t), Some(from)) = (target.as_deref(), drained_at) else {
+                let (Some(t), Some((asked, from))) = (target.as_deref(), drained_at) else {
                     anyhow::bail!("drain needs a target, drained first (System::drain)");
                 };
                 tokio::time::sleep(d.hold).await;
@@ -548,7 +550,7 @@ impl System {
                     .api
                     .post(&path, &serde_json::json!({}))
                     .await?;
-                drained_between = Some((from, until));
+                drained_between = Some((asked, from, until));
                 None
             }
             (None, Kind::CoordinatorKill) => {

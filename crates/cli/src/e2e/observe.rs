@@ -304,9 +304,12 @@ pub struct Observation {
     /// `worker_kill`: the killed worker's task processes, and those that outlived it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlived: Option<super::verdict::Outlived>,
-    /// `drain`: from the drain's answer to the undrain's request.
+    /// `drain`: when the drain was asked, when it was answered, and when the undrain was
+    /// asked. No task may start on the worker from the answer to the undrain; the worker's
+    /// being told counts from the asking (the coordinator tells it at once, which may be
+    /// before its answer arrives).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub drained_between: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    pub drained_between: Option<(DateTime<Utc>, DateTime<Utc>, DateTime<Utc>)>,
     /// `drain`: the attempts started meanwhile, and whether the worker's event log says it
     /// was told ([`Observation::settle_from`]).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -355,11 +358,11 @@ impl Observation {
                     self.removed_at,
                 ));
             }
-            (Kind::Drain, Some(worker), Some((from, until))) => {
+            (Kind::Drain, Some(worker), Some((asked, from, until))) => {
                 let told = logs.get(worker).is_some_and(|events| {
                     events.iter().any(|r| {
                         r.event == Event::Drained { draining: true }
-                            && r.at >= from
+                            && r.at >= asked
                             && r.at <= until
                     })
                 });
@@ -516,6 +519,30 @@ mod tests {
             drained: None,
             note: String::new(),
         }
+    }
+
+    /// The coordinator tells a drained worker at once, so its `drained` record may come
+    /// before the drain's answer reaches the run: told counts from the asking, not from the
+    /// answer (seen failing a run that took from the answer), and not before it.
+    #[test]
+    fn a_drained_worker_is_told_from_the_asking_of_the_drain_to_the_undrain() {
+        let told_at = |ms: i64| {
+            let mut o = Observation {
+                kind: Kind::Drain,
+                drained_between: Some((at(1_000), at(1_010), at(4_000))),
+                ..blackhole()
+            };
+            let logs = BTreeMap::from([(
+                "w1".to_owned(),
+                vec![rec(ms, Event::Drained { draining: true })],
+            )]);
+            o.settle_from(&[], &logs);
+            o.drained.expect("drained").told
+        };
+        assert!(told_at(1_005), "between the asking and the answer");
+        assert!(told_at(3_000));
+        assert!(!told_at(999), "before the drain was asked");
+        assert!(!told_at(4_001), "after the undrain was asked");
     }
 
     fn lost(ms: i64, dead: bool) -> Record {
