@@ -310,6 +310,13 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
         !said.starts_with("0 results"),
         "no result came after its lease moved: {said}\n{md}"
     );
+    // Each wave's flaky task failed its first attempt and was run again on that failure
+    // (`retry_on`), through the same disruptions.
+    assert!(t["flaky"].as_u64() >= Some(5), "{t}");
+    assert!(
+        said.contains("kept uncounted because their task runs again on that end"),
+        "{said}"
+    );
     assert!(md.contains("# tether e2e: PASS"), "{md}");
 }
 

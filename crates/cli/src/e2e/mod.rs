@@ -568,6 +568,10 @@ async fn drive(
     let mut outcomes = TaskOutcomes {
         submitted: submitted.len(),
         expected_to_fail: submitted.iter().filter(|(_, e)| *e == Expect::Fail).count(),
+        flaky: submitted
+            .iter()
+            .filter(|(_, e)| *e == Expect::Flaky)
+            .count(),
         ..TaskOutcomes::default()
     };
     for t in &tasks {
@@ -732,6 +736,7 @@ fn stored_view(db: &Path, submitted: &[(String, Expect)]) -> anyhow::Result<Stor
         submitted.iter().map(|(id, _)| id.clone()).collect();
     let read = || -> anyhow::Result<StoredView> {
         let mut runs = BTreeMap::new();
+        let mut retry_on = BTreeMap::new();
         let tasks = truth::read(db, &ids, chrono::DateTime::UNIX_EPOCH)?
             .tasks
             .into_iter()
@@ -750,6 +755,9 @@ fn stored_view(db: &Path, submitted: &[(String, Expect)]) -> anyhow::Result<Stor
                     })
                     .collect();
                 runs.insert(id.clone(), stored);
+                if !t.retry_on.is_empty() {
+                    retry_on.insert(id.clone(), t.retry_on);
+                }
                 (id, (t.status, workers))
             })
             .collect();
@@ -775,6 +783,7 @@ fn stored_view(db: &Path, submitted: &[(String, Expect)]) -> anyhow::Result<Stor
             results,
             runs,
             recorded_at,
+            retry_on,
         })
     };
     read().with_context(|| format!("cannot read the coordinator's database {}", db.display()))

@@ -85,12 +85,15 @@ pub struct WorkerFigures {
 pub struct TaskOutcomes {
     pub submitted: usize,
     pub expected_to_fail: usize,
+    /// Fail their first attempt on purpose and run again on a failure (`retry_on`).
+    pub flaky: usize,
     pub by_status: BTreeMap<String, usize>,
     /// Tasks that needed more than one attempt.
     pub retried: usize,
     /// Counted results of attempts that started from a checkpoint.
     pub resumed_from_checkpoint: usize,
-    /// Stale results kept (from attempts that had lost their lease).
+    /// Results kept uncounted: from attempts that had lost their lease, or failures their
+    /// task runs again on.
     pub stale_results: usize,
 }
 
@@ -333,9 +336,10 @@ impl Report {
             .collect();
         let _ = writeln!(
             s,
-            "\n## Tasks\n\n{} submitted ({} failing on purpose): {}. Retried: {}. Resumed from a checkpoint: {}. Stale results kept: {}. Coordinator starts: {}.",
+            "\n## Tasks\n\n{} submitted ({} failing on purpose, {} failing their first attempt on purpose and run again on a failure): {}. Retried: {}. Resumed from a checkpoint: {}. Results kept uncounted (stale, or a failure run again): {}. Coordinator starts: {}.",
             t.submitted,
             t.expected_to_fail,
+            t.flaky,
             statuses.join(", "),
             t.retried,
             t.resumed_from_checkpoint,

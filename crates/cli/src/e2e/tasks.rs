@@ -1,12 +1,13 @@
 //! The task mix: waves of short sleeps, long sleeps that checkpoint, commands that checkpoint
-//! through `$TETHER_CHECKPOINT_DIR` and resume from it, and tasks that fail on purpose. One
+//! through `$TETHER_CHECKPOINT_DIR` and resume from it, tasks that fail on purpose, and a
+//! flaky one that fails its first attempt and is run again on a failure (`retry_on`). One
 //! wave goes in at the start and one after each disruption, so work is in flight through all
 //! of them.
 
 use rand::Rng;
 use rand::rngs::SmallRng;
 use serde_json::json;
-use tether_proto::TaskSpec;
+use tether_proto::{RetryOn, TaskSpec};
 
 use super::verdict::{Body, Expect};
 
@@ -28,6 +29,10 @@ else head -c 300000 /dev/urandom > "$d/noise.tmp" && cp "$d/noise.tmp" "$d/noise
 while [ "$i" -lt 12 ]; do i=$((i+1)); echo "$i" > "$d/count.tmp" && mv "$d/count.tmp" "$d/count"; sleep 0.3; done
 echo "counted from $start to $i""#;
 
+/// A flaky test: fails its first attempt, passes on any later one (`$TETHER_ATTEMPT`).
+const FLAKY: &str = r#"if [ "$TETHER_ATTEMPT" -lt 2 ]; then echo "attempt $TETHER_ATTEMPT fails on purpose" >&2; exit 4; fi
+echo "flaky passed on attempt $TETHER_ATTEMPT""#;
+
 /// What [`COUNTER`] counts to, and how long each step takes.
 pub const COUNTER_TO: u32 = 12;
 pub const COUNTER_STEP: std::time::Duration = std::time::Duration::from_millis(300);
@@ -43,6 +48,7 @@ pub fn expected_body(spec: &TaskSpec) -> Body {
     match spec.kind.as_str() {
         "sleep" => config["steps"].as_u64().map_or(Body::Any, Body::Steps),
         "command" if config["shell"] == COUNTER => Body::StdoutEnds("to 12"),
+        "command" if config["shell"] == FLAKY => Body::StdoutContains("flaky passed on attempt"),
         _ => Body::Any,
     }
 }
@@ -54,6 +60,9 @@ pub fn wave(wave: usize, rng: &mut SmallRng) -> Vec<(TaskSpec, Expect)> {
         let mut s = TaskSpec::new(kind, config);
         s.name = Some(format!("e2e-{wave}-{}-{what}", out.len()));
         s.max_attempts = Some(MAX_ATTEMPTS);
+        if expect == Expect::Flaky {
+            s.retry_on = vec![RetryOn::Failed];
+        }
         out.push((s, expect));
     };
     for _ in 0..2 {
@@ -78,6 +87,7 @@ pub fn wave(wave: usize, rng: &mut SmallRng) -> Vec<(TaskSpec, Expect)> {
         Expect::Complete,
         "counter",
     );
+    add("command", json!({"shell": FLAKY}), Expect::Flaky, "flaky");
     if wave.is_multiple_of(2) {
         add(
             "sleep",
@@ -120,6 +130,19 @@ mod tests {
             let v = wave(w, &mut rng);
             assert!(v.iter().all(|(s, _)| s.validate().is_ok()));
             assert_eq!(v.iter().filter(|(_, e)| *e == Expect::Fail).count(), 1);
+            let flaky: Vec<&TaskSpec> = v
+                .iter()
+                .filter(|(_, e)| *e == Expect::Flaky)
+                .map(|(s, _)| s)
+                .collect();
+            assert!(
+                matches!(flaky.as_slice(), [s] if s.retry_on == [RetryOn::Failed]),
+                "{flaky:?}"
+            );
+            assert_eq!(
+                expected_body(flaky[0]),
+                Body::StdoutContains("flaky passed on attempt")
+            );
             assert!(v.iter().any(|(s, _)| s.kind == "command"));
             assert!(v.iter().any(|(s, _)| {
                 s.config.to_value().expect("json")["checkpoint_every"].as_u64() == Some(3)

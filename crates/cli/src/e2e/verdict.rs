@@ -16,6 +16,9 @@ pub enum Expect {
     Complete,
     /// Fails on purpose: must end `failed`, with its failure recorded.
     Fail,
+    /// Fails its first attempt on purpose and is run again on a failure (`retry_on`): must
+    /// end `completed`, by a later attempt.
+    Flaky,
 }
 
 /// What the counted result of a task that completes must say, from its spec: what the
@@ -27,6 +30,8 @@ pub enum Body {
     Steps(u64),
     /// A command's stdout ends with this line.
     StdoutEnds(&'static str),
+    /// A command's stdout holds this.
+    StdoutContains(&'static str),
     /// Nothing checked.
     Any,
 }
@@ -39,6 +44,9 @@ impl Body {
             Body::StdoutEnds(end) => result["stdout_tail"]
                 .as_str()
                 .is_some_and(|s| s.trim_end().ends_with(end)),
+            Body::StdoutContains(text) => result["stdout_tail"]
+                .as_str()
+                .is_some_and(|s| s.contains(text)),
             Body::Any => true,
         }
     }
@@ -209,6 +217,8 @@ pub struct StoredView {
     pub runs: BTreeMap<String, Vec<StoredRun>>,
     /// When the coordinator recorded each stored result, by task and attempt.
     pub recorded_at: BTreeMap<(String, u32), DateTime<Utc>>,
+    /// The ends each task's spec runs it again on (`retry_on`), for the tasks that have any.
+    pub retry_on: BTreeMap<String, Vec<String>>,
 }
 
 /// One attempt of a task as the coordinator's file holds it.
@@ -225,9 +235,14 @@ pub struct StoredRun {
 
 /// The results the coordinator's file holds that came after their attempt's lease had moved:
 /// kept stale (the attempt's lease had ended), or of an attempt it recorded `lost` before the
-/// result came (adopted when counted), with what explains each and the breaches.
+/// result came (adopted when counted), with what explains each and the breaches. Beside them,
+/// the results kept uncounted because their task runs again on such an end (`retry_on`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LateResults {
+    /// Results kept uncounted because their task's `retry_on` names their end, each as its
+    /// task and `#attempt end`: their attempt ended by them, the task then leased again (a
+    /// late one, of an attempt whose lease had moved, is in `came` too, ` (late)` added).
+    pub retried: Vec<(String, String)>,
     /// Results that came after their lease moved.
     pub came: usize,
     /// Of those, counted.
@@ -246,10 +261,44 @@ impl LateResults {
         let mut out = LateResults::default();
         for (task, rows) in &stored.results {
             let runs = stored.runs.get(task).map(Vec::as_slice).unwrap_or_default();
+            let retries_on = |outcome: &str| {
+                stored
+                    .retry_on
+                    .get(task)
+                    .is_some_and(|on| on.iter().any(|o| o == outcome))
+            };
             let mut late_here = false;
             for r in rows {
                 let came = stored.recorded_at.get(&(task.clone(), r.attempt)).copied();
                 let own = runs.iter().find(|a| a.attempt == r.attempt);
+                // Kept uncounted while its attempt ended by it: the end ran the task again,
+                // which only its `retry_on` may do, and the next attempt leased after that end
+                // (the coordinator queues the task again as it records the result, so the
+                // next lease may be a moment older than the result's row).
+                let retryable = matches!(r.outcome.as_str(), "failed" | "timed_out");
+                if r.stale
+                    && let Some(own) =
+                        own.filter(|a| retryable && a.end.as_deref() == Some(r.outcome.as_str()))
+                {
+                    let next = runs.iter().find(|a| {
+                        a.attempt > r.attempt
+                            && a.started_at.zip(own.ended_at).is_some_and(|(s, e)| s >= e)
+                    });
+                    match (retries_on(&r.outcome), next) {
+                        (true, Some(_)) => out
+                            .retried
+                            .push((task.clone(), format!("#{} {}", r.attempt, r.outcome))),
+                        (true, None) => out.bad.push(format!(
+                            "{task}#{}: a {} result its task runs again on, kept uncounted, and no later attempt was leased after the end it made",
+                            r.attempt, r.outcome
+                        )),
+                        (false, _) => out.bad.push(format!(
+                            "{task}#{}: a {} result that ended its attempt kept uncounted, though its task does not run again on that end",
+                            r.attempt, r.outcome
+                        )),
+                    }
+                    continue;
+                }
                 // A later attempt of the task whose lease was given before the result came: where
                 // its lease had moved (an earlier attempt explains nothing).
                 let other = runs
@@ -298,6 +347,11 @@ impl LateResults {
                         "{task}#{}: kept stale, recorded at a time that does not read",
                         r.attempt
                     )),
+                    // Not adopted as the task's end: the task runs again on that end (its
+                    // lost attempt's replacement queued already).
+                    (None, Some(_)) if retries_on(&r.outcome) => out
+                        .retried
+                        .push((task.clone(), format!("#{} {} (late)", r.attempt, r.outcome))),
                     (None, Some(c)) => {
                         let later = runs
                             .iter()
@@ -330,33 +384,33 @@ impl LateResults {
     }
 
     /// `3 results came after their lease moved: 1 adopted, 2 kept stale because another
-    /// attempt had started (t#1 (#2 had started on w1), ...)`.
+    /// attempt had started (t#1 (#2 had started on w1), ...)`, and `; 1 kept uncounted
+    /// because their task runs again on that end (t#1 failed)` when there are such.
     pub fn summary(&self) -> String {
-        let shown: Vec<&str> = self
-            .superseded
-            .iter()
-            .take(NAMED)
-            .map(String::as_str)
-            .collect();
-        format!(
+        let named = |list: &[String]| -> String {
+            if list.is_empty() {
+                return String::new();
+            }
+            let shown: Vec<&str> = list.iter().take(NAMED).map(String::as_str).collect();
+            let more = if list.len() > NAMED { ", ..." } else { "" };
+            format!(" ({}{more})", shown.join(", "))
+        };
+        let mut said = format!(
             "{} results came after their lease moved: {} adopted, {} kept stale because another attempt had started{}",
             self.came,
             self.adopted,
             self.superseded.len(),
-            if shown.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " ({}{})",
-                    shown.join(", "),
-                    if self.superseded.len() > NAMED {
-                        ", ..."
-                    } else {
-                        ""
-                    }
-                )
-            }
-        )
+            named(&self.superseded)
+        );
+        if !self.retried.is_empty() {
+            let retried: Vec<String> = self.retried.iter().map(|(t, r)| t.clone() + r).collect();
+            said.push_str(&format!(
+                "; {} kept uncounted because their task runs again on that end{}",
+                retried.len(),
+                named(&retried)
+            ));
+        }
+        said
     }
 }
 
@@ -454,6 +508,56 @@ fn attempts_named<'a>(
     (of_kind, bad)
 }
 
+/// The tasks that fail their first attempt and run again on a failure ([`Expect::Flaky`]):
+/// none completed by one attempt (the first always fails, so its failure counted or a second
+/// attempt skipped would show), and some run again on a failure kept uncounted (one whose
+/// first attempt a disruption took first is never retried on its failure; none retried at all
+/// and the check proves nothing). Whether each completed is `outcomes_as_intended`'s, and
+/// whether each result kept uncounted was owed that `late_results_explained`'s.
+fn flaky_tasks_retried(
+    g: &GroundTruth,
+    listed: &BTreeMap<&str, Vec<&TaskView>>,
+    late: Option<&LateResults>,
+) -> Check {
+    let flaky: Vec<&str> = g
+        .submitted
+        .iter()
+        .filter(|(_, e)| *e == Expect::Flaky)
+        .map(|(id, _)| id.as_str())
+        .collect();
+    let mut bad = Vec::new();
+    for id in &flaky {
+        if let Some([t]) = listed.get(id).map(Vec::as_slice)
+            && t.status == "completed"
+            && t.attempts.len() < 2
+        {
+            bad.push(format!("{id} completed by its first attempt, which fails"));
+        }
+    }
+    let retried = late.map_or(0, |l| {
+        l.retried
+            .iter()
+            .filter(|(task, _)| flaky.contains(&task.as_str()))
+            .count()
+    });
+    if !flaky.is_empty() && retried == 0 {
+        bad.push("no task was run again on a failure it retries on".to_owned());
+    }
+    let mut c = check(
+        "flaky_tasks_retried",
+        flaky.len(),
+        "tasks that fail their first attempt",
+        bad,
+    );
+    if c.pass {
+        c.detail = format!(
+            "{} tasks that fail their first attempt: all completed by a later one, {retried} run again on a failure kept uncounted",
+            flaky.len()
+        );
+    }
+    c
+}
+
 pub fn verdict(g: &GroundTruth) -> Verdict {
     let mut listed: BTreeMap<&str, Vec<&TaskView>> = BTreeMap::new();
     for t in &g.tasks {
@@ -499,7 +603,7 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     let mut bad = Vec::new();
     for (id, expect) in &g.submitted {
         let want = match expect {
-            Expect::Complete => "completed",
+            Expect::Complete | Expect::Flaky => "completed",
             Expect::Fail => "failed",
         };
         if let Some([t]) = listed.get(id.as_str()).map(Vec::as_slice)
@@ -854,7 +958,7 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     // once, and thrown away only when another attempt had started by then. Judged on the
     // coordinator's file: its result rows, their times, its attempt records.
     let late = g.stored.as_ref().map(LateResults::of);
-    checks.push(match late {
+    checks.push(match late.clone() {
         None => Check {
             name: "late_results_explained",
             pass: false,
@@ -880,6 +984,8 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
             }
         }
     });
+
+    checks.push(flaky_tasks_retried(g, &listed, late.as_ref()));
 
     let ran: BTreeSet<Kind> = d.iter().map(|x| x.kind).collect();
     let missing: Vec<String> = g
@@ -1130,6 +1236,7 @@ mod tests {
                         .map(move |r| ((t.clone(), r.attempt), at(1_000)))
                 })
                 .collect(),
+            retry_on: BTreeMap::new(),
         }
     }
 
@@ -1177,7 +1284,7 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = judged(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 19);
+        assert_eq!(v.checks.len(), 20);
     }
 
     /// A task whose first attempt's lease was lost at 5 s: attempt 2 is leased at `second`
@@ -1270,6 +1377,145 @@ mod tests {
         let said = detail(&g, "late_results_explained");
         assert!(said.contains("none ever did"), "{said}");
         assert!(failing(&g).contains(&"late_results_explained"));
+    }
+
+    /// Task `a` of `healthy()` made flaky: its first attempt (on w2, from 0 s) ended `failed`
+    /// at 1 s by its own result, kept uncounted; attempt 2 (on w1) leased at `second` ms
+    /// completed; `retry_on` as given.
+    fn retried_once(second: i64, retry_on: &[&str]) -> GroundTruth {
+        let mut g = healthy();
+        g.submitted[0].1 = Expect::Flaky;
+        g.results.insert(
+            "a".into(),
+            vec![result(1, true, "failed"), result(2, false, "completed")],
+        );
+        let mut stored = stored_as_listed(&g);
+        stored.runs.insert(
+            "a".into(),
+            vec![
+                StoredRun {
+                    attempt: 1,
+                    worker: "w2".into(),
+                    started_at: Some(at(0)),
+                    ended_at: Some(at(1_000)),
+                    end: Some("failed".into()),
+                },
+                StoredRun {
+                    attempt: 2,
+                    worker: "w1".into(),
+                    started_at: Some(at(second)),
+                    ended_at: Some(at(second + 1_000)),
+                    end: Some("completed".into()),
+                },
+            ],
+        );
+        stored
+            .recorded_at
+            .insert(("a".into(), 2), at(second + 1_000));
+        if !retry_on.is_empty() {
+            stored.retry_on.insert(
+                "a".into(),
+                retry_on.iter().map(|s| (*s).to_owned()).collect(),
+            );
+        }
+        g.stored = Some(stored);
+        g
+    }
+
+    /// A failure the task runs again on, kept uncounted with the attempt it ended, and the
+    /// next attempt leased after it: explained, and the flaky task counted as retried.
+    #[test]
+    fn a_failure_kept_uncounted_and_run_again_as_the_task_asks_passes() {
+        let g = retried_once(1_200, &["failed"]);
+        let v = judged(&g);
+        assert!(v.pass, "{v:?}");
+        let said = detail(&g, "late_results_explained");
+        assert!(
+            said.ends_with(
+                "; 1 kept uncounted because their task runs again on that end (a#1 failed)"
+            ),
+            "{said}"
+        );
+        assert_eq!(
+            detail(&g, "flaky_tasks_retried"),
+            "1 tasks that fail their first attempt: all completed by a later one, 1 run again on a failure kept uncounted"
+        );
+    }
+
+    /// The same result on a task that does not run again on failures: the coordinator threw
+    /// away the end of a task that asked for no retry.
+    #[test]
+    fn a_failure_kept_uncounted_on_a_task_without_retry_on_fails() {
+        let mut g = retried_once(1_200, &[]);
+        g.submitted[0].1 = Expect::Complete;
+        fails_only_saying(
+            &g,
+            "late_results_explained",
+            "a#1: a failed result that ended its attempt kept uncounted, though its task does not run again on that end",
+        );
+        // Retries on timeouts only.
+        let mut g = retried_once(1_200, &["timed_out"]);
+        g.submitted[0].1 = Expect::Complete;
+        fails_only_saying(
+            &g,
+            "late_results_explained",
+            "does not run again on that end",
+        );
+    }
+
+    /// Kept uncounted as one the task runs again on, but the next attempt had been leased
+    /// before it came: the failure did not run the task again.
+    #[test]
+    fn a_retried_failure_with_no_attempt_leased_after_it_fails() {
+        let mut g = retried_once(500, &["failed"]);
+        g.submitted[0].1 = Expect::Complete;
+        fails_only_saying(
+            &g,
+            "late_results_explained",
+            "a#1: a failed result its task runs again on, kept uncounted, and no later attempt was leased after the end it made",
+        );
+    }
+
+    /// A late failure of a task that runs again on failures (its attempt's lease lost first,
+    /// no other attempt started yet) is kept uncounted, not adopted as the task's end.
+    #[test]
+    fn a_late_failure_of_a_task_that_retries_on_failures_kept_stale_passes() {
+        let mut g = came_late(Some(12_000), true);
+        let stored = g.stored.as_mut().expect("stored");
+        stored.results.get_mut("a").expect("a")[0].outcome = "failed".into();
+        stored.retry_on.insert("a".into(), vec!["failed".into()]);
+        g.results.get_mut("a").expect("a")[0].outcome = "failed".into();
+        let v = judged(&g);
+        assert!(v.pass, "{v:?}");
+        let said = detail(&g, "late_results_explained");
+        assert!(said.contains("(a#1 failed (late))"), "{said}");
+        // Not so for a task that does not: finished work thrown away.
+        g.stored.as_mut().expect("stored").retry_on.clear();
+        fails_only_saying(&g, "late_results_explained", "a failed result kept stale");
+    }
+
+    /// Flaky tasks none of which was run again on a failure prove nothing; one that
+    /// completed by its first attempt (which fails) was never what it seemed.
+    #[test]
+    fn flaky_tasks_none_retried_or_one_completed_at_once_fail() {
+        let mut g = healthy();
+        g.submitted[0].1 = Expect::Flaky;
+        fails_only_saying(
+            &g,
+            "flaky_tasks_retried",
+            "no task was run again on a failure it retries on",
+        );
+        // Its one attempt completed, counted and acknowledged.
+        g.tasks[0].attempts.truncate(1);
+        g.results
+            .insert("a".into(), vec![result(1, false, "completed")]);
+        g.acks.retain(|a| a.worker == "w2");
+        g.acks[0].disposition = "recorded".into();
+        fails_only_saying(
+            &g,
+            "flaky_tasks_retried",
+            "a completed by its first attempt, which fails",
+        );
     }
 
     /// A stale result is explained only by a later attempt: one before it, started first,

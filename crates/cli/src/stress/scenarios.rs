@@ -3036,6 +3036,7 @@ mod tests {
                         started_at: Some(at(start)),
                         ..truth::AttemptRow::default()
                     }],
+                    ..truth::TaskRow::default()
                 };
                 (format!("t{i}"), row)
             });

@@ -24,6 +24,8 @@ pub struct TaskRow {
     pub attempts: u64,
     /// Each attempt, in the store's order (by attempt number).
     pub runs: Vec<AttemptRow>,
+    /// The ends its spec runs it again on (`retry_on`: `failed`, `timed_out`).
+    pub retry_on: Vec<String>,
 }
 
 /// One attempt of a task as the store has it: its record in the task, and its result's word
@@ -215,6 +217,12 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
             started_at: time(&doc["attempts"][0]["started_at"]),
             attempts: doc["attempts"].as_array().map_or(0, |a| a.len() as u64),
             runs,
+            retry_on: spec["retry_on"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|on| on.as_str().map(str::to_owned))
+                .collect(),
         };
         truth.tasks.insert(id, row);
     }
