@@ -14,6 +14,7 @@
 //! GET  /api/v1/tasks/{id}/checkpoints     checkpoint list; /{cid} the bytes
 //! POST /api/v1/tasks/{id}/cancel|pause|resume|checkpoint
 //! GET  /api/v1/workers, /api/v1/workers/{id}
+//! GET  /api/v1/runs?name=&limit=           runs (tasks of one name) by their latest tries
 //! GET  /api/v1/overview                   counts and counters
 //! GET  /api/v1/history                    the dashboard's chart samples
 //! GET  /healthz
@@ -1214,6 +1215,62 @@ pub async fn worker_action(
 )]
 pub async fn overview(State(app): State<Arc<AppState>>) -> Response {
     json(ask(&app, |reply| Api::Overview { reply }).await)
+}
+
+/// The query of `GET /api/v1/runs`; anything else is refused, as the task listing refuses it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunsQuery {
+    name: Option<String>,
+    limit: Option<usize>,
+}
+
+/// How many runs a listing gives at most, and by default.
+const RUNS_MAX: usize = 1_000;
+const RUNS_DEFAULT: usize = 20;
+
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs",
+    tag = "tasks",
+    params(
+        ("name" = Option<String>, Query, description = "only the run of this name (its tasks' spec `name`, exactly; at most 1024 bytes): an empty list when no task has it"),
+        ("limit" = Option<usize>, Query, description = "at most this many runs, the newest (by its latest submission) first (default 20, at most 1000)"),
+    ),
+    responses(
+        (status = 200, description = "Runs (the tasks submitted under one name), the newest first, each by its tasks' latest tries: a task retried as a new task (`retried_by`, under any name) counts once, by its last retry. `verdict` is `running` while a latest try has not ended, then `passed` when every one completed, else `failed` (as `tether report` judges a run)", body = Vec<crate::core::RunSummary>),
+        (status = 400, description = "A query that cannot be read (`bad_request`): a parameter other than name and limit, one given twice, or a `limit` that is not a whole number", body = ErrorBody),
+        (status = 422, description = "A `limit` above 1000, or a `name` longer than 1024 bytes", body = ErrorBody),
+        (status = 503, description = "`shutting_down`: the coordinator is stopping; `out_of_space`: its data directory is out of space, and answers wait behind commits that wait for room (Retry-After: 5 for both)", body = ErrorBody),
+    )
+)]
+pub async fn list_runs(
+    State(app): State<Arc<AppState>>,
+    q: Result<Query<RunsQuery>, QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return error_response(e.status(), "bad_request", &e.body_text()),
+    };
+    let limit = match q.limit.unwrap_or(RUNS_DEFAULT) {
+        l @ 0..=RUNS_MAX => l,
+        l => {
+            return ApiError::Invalid(format!("limit {l} is out of range; use 0 to {RUNS_MAX}"))
+                .into_response();
+        }
+    };
+    if let Some(name) = q.name.as_ref().filter(|n| n.len() > MAX_NAME_BYTES) {
+        return ApiError::Invalid(format!(
+            "name of {} bytes; no task has a name over {MAX_NAME_BYTES}",
+            name.len()
+        ))
+        .into_response();
+    }
+    let query = crate::core::RunQuery {
+        name: q.name,
+        limit,
+    };
+    json(ask(&app, |reply| Api::Runs { query, reply }).await)
 }
 
 /// The dashboard's chart samples of the last hour, oldest first.

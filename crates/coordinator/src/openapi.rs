@@ -30,6 +30,7 @@ use crate::{dashboard, http, metrics, ws};
         http::list_workers,
         http::get_worker,
         http::worker_action,
+        http::list_runs,
         http::overview,
         http::history,
         dashboard::events::events,
@@ -229,9 +230,14 @@ mod tests {
                     );
                 }
                 // Every operation under these asks the core (a submission, when it has specs).
-                let asks = ["/api/v1/tasks", "/api/v1/workers", "/api/v1/overview"]
-                    .iter()
-                    .any(|p| path.starts_with(p));
+                let asks = [
+                    "/api/v1/tasks",
+                    "/api/v1/workers",
+                    "/api/v1/runs",
+                    "/api/v1/overview",
+                ]
+                .iter()
+                .any(|p| path.starts_with(p));
                 if asks {
                     of_the_core += 1;
                     let why = responses["503"]["description"].as_str().unwrap_or_default();
@@ -249,8 +255,8 @@ mod tests {
             "every operation of a task, a checkpoint or a worker"
         );
         assert_eq!(
-            of_the_core, 12,
-            "every operation of tasks, workers and the overview"
+            of_the_core, 13,
+            "every operation of tasks, workers, runs and the overview"
         );
     }
 

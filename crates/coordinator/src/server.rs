@@ -512,6 +512,7 @@ fn table() -> Table {
         "/api/v1/workers/{id}/{action}",
         post(http::worker_action).route_layer(no_query()),
     )
+    .add(GET, "/api/v1/runs", get(http::list_runs))
     .add(
         GET,
         "/api/v1/overview",

@@ -169,6 +169,10 @@ pub enum Api {
     Overview {
         reply: Reply<Overview>,
     },
+    Runs {
+        query: super::RunQuery,
+        reply: Reply<Vec<super::RunSummary>>,
+    },
     /// Drains a worker (`drain`: no new task goes to it, what it holds runs on) or puts it
     /// back (`!drain`); answered with the worker's record once saved.
     DrainWorker {
@@ -292,6 +296,10 @@ impl Core {
             Api::Overview { reply } => {
                 let o = self.overview();
                 reply_after_commit(b, reply, Ok(o));
+            }
+            Api::Runs { query, reply } => {
+                let runs = self.runs(&query);
+                reply_after_commit(b, reply, Ok(runs));
             }
         }
     }

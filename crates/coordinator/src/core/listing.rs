@@ -107,6 +107,26 @@ impl Listing {
         self.counts[slot(status)]
     }
 
+    /// The names tasks have, the one submitted under last first.
+    pub(super) fn names_newest_first(&self) -> Vec<&str> {
+        let mut names: Vec<(u64, &str)> = self
+            .by_name
+            .iter()
+            .filter_map(|(name, seqs)| Some((*seqs.last()?, name.as_str())))
+            .collect();
+        names.sort_unstable_by(|a, b| b.cmp(a));
+        names.into_iter().map(|(_, name)| name).collect()
+    }
+
+    /// The ids of the tasks of `name`, in submission order.
+    pub(super) fn named(&self, name: &str) -> impl Iterator<Item = &TaskId> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|seq| self.by_seq.get(seq).map(|e| &e.id))
+    }
+
     /// The ids `q` asks for, in its order, looked up in `admits` (which checks the task itself;
     /// `seq_of` gives a task's submission number). Named ids are each looked up; a page walks
     /// the index from its `after_seq`; a name filter walks that name's tasks, else a status

@@ -13,6 +13,7 @@ mod listing;
 pub mod mailbox;
 mod messages;
 pub mod queue;
+mod runs;
 mod tasks;
 #[cfg(test)]
 mod tests;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use api::{Api, ApiError, ControlOp, Overview, Submission, TaskQuery};
 pub(crate) use messages::registration_refusal;
+pub use runs::{RunQuery, RunSummary, RunVerdict};
 
 use crate::config::CoordinatorConfig;
 use crate::model::{CheckpointMeta, IdMap, IdSet, Task, Worker, WorkerState};

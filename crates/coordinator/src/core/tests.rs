@@ -3913,3 +3913,112 @@ fn a_late_failure_of_a_task_that_retries_on_failure_is_kept_stale_not_adopted() 
     assert_eq!(result_ack(&drain(&mut rxb)), Disposition::Recorded);
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Completed);
 }
+
+/// A run is its name's tasks, each by its latest try: a failure retried to completion (under
+/// the run's name or another) passes, a try not ended keeps the run running, one that did
+/// not complete fails it; the runs are listed newest first, and one asked by name alone.
+#[test]
+fn a_run_is_judged_by_the_latest_try_of_each_of_its_tasks() {
+    use super::{RunQuery, RunVerdict};
+    let mut h = Harness::new();
+    let (s, mut rx) = h.connect("a");
+    let named = |name: Option<&str>, retry_of: Option<&TaskId>| TaskSpec {
+        name: name.map(str::to_owned),
+        retry_of: retry_of.cloned(),
+        ..TaskSpec::new("sleep", serde_json::json!({}))
+    };
+    let mut seq = 0;
+    // Runs `task` on `a` (its one slot) to `outcome`.
+    let mut ends = |h: &mut Harness, task: &TaskId, outcome: Outcome| {
+        let attempt = h.core.tasks[task].attempt.0;
+        seq += 1;
+        let WorkerMsg::TaskResult(mut r) = result(seq, task, attempt) else {
+            unreachable!()
+        };
+        r.outcome = outcome;
+        h.frame("a", s, WorkerMsg::TaskResult(r));
+        drain(&mut rx);
+        assert_eq!(
+            h.core.tasks[task].status,
+            TaskStatus::from(outcome),
+            "{task}"
+        );
+    };
+    let run = |h: &Harness| {
+        let mut runs = h.core.runs(&RunQuery {
+            name: Some("nightly".into()),
+            limit: 10,
+        });
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        runs.remove(0)
+    };
+    let t1 = h.submit_spec(named(Some("nightly"), None));
+    ends(&mut h, &t1, Outcome::Completed);
+    let t2 = h.submit_spec(named(Some("nightly"), None));
+    ends(&mut h, &t2, Outcome::Failed);
+    let t3 = h.submit_spec(named(Some("nightly"), None));
+    // A task of no name is of no run.
+    let unnamed = h.submit_spec(named(None, None));
+    let r = run(&h);
+    assert_eq!((r.tasks, r.retried, r.verdict), (3, 0, RunVerdict::Running));
+    assert_eq!(
+        r.by_status,
+        [("completed", 1), ("failed", 1), ("running", 1)].into()
+    );
+    assert_eq!(r.finished_at, None);
+    h.cancel(&t3);
+    // Its worker stops it, and says so: the slot is free again.
+    ends(&mut h, &t3, Outcome::Cancelled);
+    ends(&mut h, &unnamed, Outcome::Completed);
+    assert_eq!(run(&h).verdict, RunVerdict::Failed);
+    assert!(run(&h).finished_at.is_some());
+
+    // The failure retried under the run's name, the cancelled task under another: each
+    // counted once, by its retry.
+    let t4 = h.submit_spec(named(Some("nightly"), Some(&t2)));
+    let r = run(&h);
+    assert_eq!((r.tasks, r.retried, r.verdict), (3, 1, RunVerdict::Running));
+    ends(&mut h, &t4, Outcome::Completed);
+    let t5 = h.submit_spec(named(Some("elsewhere"), Some(&t3)));
+    ends(&mut h, &t5, Outcome::Completed);
+    let r = run(&h);
+    assert_eq!((r.tasks, r.retried, r.verdict), (3, 2, RunVerdict::Passed));
+    assert_eq!(r.by_status, [("completed", 3)].into());
+    assert_eq!(r.finished_at, h.core.tasks[&t5].finished_at);
+    assert_eq!(r.first_submitted_at, h.core.tasks[&t1].submitted_at);
+    assert_eq!(r.last_submitted_at, h.core.tasks[&t4].submitted_at);
+
+    // Newest first (by a run's latest submission); a name no task has is no run.
+    let names =
+        |q: RunQuery| -> Vec<String> { h.core.runs(&q).into_iter().map(|r| r.name).collect() };
+    assert_eq!(
+        names(RunQuery {
+            name: None,
+            limit: 10
+        }),
+        ["elsewhere", "nightly"]
+    );
+    assert_eq!(
+        names(RunQuery {
+            name: None,
+            limit: 1
+        }),
+        ["elsewhere"]
+    );
+    assert!(
+        names(RunQuery {
+            name: Some("none".into()),
+            limit: 10
+        })
+        .is_empty()
+    );
+    // The retry made under another name is a run of its own, of one task.
+    let other = &h.core.runs(&RunQuery {
+        name: Some("elsewhere".into()),
+        limit: 1,
+    })[0];
+    assert_eq!(
+        (other.tasks, other.retried, other.verdict),
+        (1, 0, RunVerdict::Passed)
+    );
+}

@@ -271,6 +271,113 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
     c.stop().await;
 }
 
+/// A run (tasks of one name) is shown by its latest tries, as the coordinator judges it:
+/// failed with a failure in it, running while the failure's retry runs, passed once the retry
+/// completed; its name shows its tasks, and a task's detail says what it runs again on.
+#[tokio::test]
+async fn the_dashboard_shows_a_run_by_its_latest_tries() {
+    let Some(mut browser) = Browser::start().await else {
+        no_browser();
+        return;
+    };
+    let (_dir, c) = coordinator().await;
+    let w = connected_worker(&c.ws_url(), "w1").await;
+    browser.navigate(&format!("http://{}/", c.addr)).await;
+    browser
+        .wait_eval(
+            "the event stream",
+            "document.querySelector('#feed')?.dataset.feed ?? null",
+            json!("live"),
+        )
+        .await;
+    let run = |what: &str| {
+        format!("document.querySelector('#runs tr[data-run=\"nightly-7\"]')?.{what} ?? null")
+    };
+    let client = c.client();
+    let passes = tether_proto::TaskSpec {
+        name: Some("nightly-7".into()),
+        ..sleep_task(10, 1, 0)
+    };
+    let fails = tether_proto::TaskSpec {
+        config: json!({"ms": 10, "steps": 1, "fail": true}).into(),
+        retry_on: vec![tether_proto::RetryOn::Failed],
+        max_attempts: Some(2),
+        ..passes.clone()
+    };
+    let ids = client.submit(&[passes.clone(), fails]).await;
+    client.wait_status(&ids[1], "failed").await;
+    browser
+        .wait_eval("the run failed", &run("dataset.verdict"), json!("failed"))
+        .await;
+    assert_eq!(
+        browser.eval(&run("children[3].textContent")).await,
+        json!("1 completed, 1 failed")
+    );
+
+    // The failure retried, as a task that takes a while and then completes: running, then
+    // passed, each of its two tasks counted once.
+    let retry = tether_proto::TaskSpec {
+        retry_of: Some(ids[1].clone()),
+        ..tether_proto::TaskSpec {
+            name: Some("nightly-7".into()),
+            ..sleep_task(1_500, 3, 0)
+        }
+    };
+    let again = client.submit(&[retry]).await.remove(0);
+    browser
+        .wait_eval("the run running", &run("dataset.verdict"), json!("running"))
+        .await;
+    client.wait_status(&again, "completed").await;
+    browser
+        .wait_eval("the run passed", &run("dataset.verdict"), json!("passed"))
+        .await;
+    assert_eq!(
+        browser.eval(&run("children[3].textContent")).await,
+        json!("2 completed")
+    );
+    assert_eq!(
+        browser.eval(&run("children[4].textContent")).await,
+        json!("1")
+    );
+
+    // Its name shows its tasks: the three submitted under it, and nothing else.
+    let other = client.submit(&[sleep_task(10, 1, 0)]).await.remove(0);
+    browser
+        .wait_eval(
+            "the unnamed task",
+            &format!("({}) !== null", task_status(other.as_str())),
+            json!(true),
+        )
+        .await;
+    browser.eval(&run("querySelector('a').click()")).await;
+    let mut want = vec![ids[0].to_string(), ids[1].to_string(), again.to_string()];
+    want.sort();
+    browser
+        .wait_eval(
+            "the run's tasks",
+            "[...document.querySelectorAll('#tasks tbody tr')].map(r => r.dataset.task).sort()",
+            json!(want),
+        )
+        .await;
+
+    // The failing task's detail says what it runs again on.
+    browser
+        .eval(&format!(
+            "document.querySelector('#tasks tr[data-task=\"{}\"]').click()",
+            ids[1]
+        ))
+        .await;
+    browser
+        .wait_eval(
+            "what it retries on",
+            "document.querySelector('#detail .retry-on')?.textContent ?? null",
+            json!("runs again when an attempt failed, up to 2 attempts"),
+        )
+        .await;
+    w.stop().await.expect("stop w1");
+    c.stop().await;
+}
+
 /// Types `token` into the page's token field.
 async fn type_token(browser: &mut Browser, token: &str) {
     browser
@@ -682,6 +789,24 @@ async fn tasks_can_be_listed_newest_first() {
     assert!(message.contains("`status`"), "{e}");
     let (status, e) = client.get("/api/v1/workers").await;
     assert_eq!(status, 200, "{e}");
+    // The runs take a name and a limit, nothing else; a limit over 1000 is refused, not cut.
+    let (status, e) = client.get("/api/v1/runs?status=failed").await;
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`status`"),
+        "{e}"
+    );
+    let (status, e) = client.get("/api/v1/runs?limit=1001").await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (422, Some("invalid")),
+        "{e}"
+    );
+    let (status, runs) = client.get("/api/v1/runs?name=no-such-run").await;
+    assert_eq!((status, runs), (200, json!([])));
     // Nor do the other endpoints take one: a query is refused, naming it, not ignored
     // (`/result?attempt=1` answered with the latest attempt's result).
     let id = ids[0].as_str();

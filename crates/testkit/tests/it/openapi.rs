@@ -220,7 +220,8 @@ async fn the_answers_of_a_submission_are_those_the_served_openapi_document_descr
 
 /// The answers of the reading operations after a real run (a task completed by a worker) are
 /// those the served document describes: a task, the listing, its result, the fleet, a
-/// worker, the overview, and a 404 of a task that is not there.
+/// worker, the overview, the runs (and a limit refused), and a 404 of a task that is not
+/// there.
 #[tokio::test]
 async fn the_answers_of_the_reading_operations_after_a_run_are_those_the_document_describes() {
     let (_dir, c) = coordinator().await;
@@ -228,10 +229,16 @@ async fn the_answers_of_the_reading_operations_after_a_run_are_those_the_documen
     let client = c.client();
     let (_, doc) = client.get("/api/v1/openapi.json").await;
     let id = client
-        .submit(&[tether_testkit::sleep_task(10, 2, 1)])
+        .submit(&[tether_proto::TaskSpec {
+            name: Some("described-run".into()),
+            ..tether_testkit::sleep_task(10, 2, 1)
+        }])
         .await
         .remove(0);
     client.wait_status(&id, "completed").await;
+    let (_, runs) = client.get("/api/v1/runs").await;
+    assert_eq!(runs[0]["name"], "described-run", "{runs}");
+    assert_eq!(runs[0]["verdict"], "passed", "{runs}");
     for (path, asked) in [
         ("/api/v1/tasks/{id}", format!("/api/v1/tasks/{id}")),
         ("/api/v1/tasks", "/api/v1/tasks".to_owned()),
@@ -245,6 +252,8 @@ async fn the_answers_of_the_reading_operations_after_a_run_are_those_the_documen
             "/api/v1/workers/described-w".to_owned(),
         ),
         ("/api/v1/overview", "/api/v1/overview".to_owned()),
+        ("/api/v1/runs", "/api/v1/runs".to_owned()),
+        ("/api/v1/runs", "/api/v1/runs?limit=1001".to_owned()),
         ("/api/v1/tasks/{id}", "/api/v1/tasks/not-there".to_owned()),
     ] {
         let (status, answer) = client.get(&asked).await;

@@ -9,6 +9,7 @@ const state = {
   history: [],          // samples, oldest first
   intervalMs: 10000,
   selected: null,       // task_id shown in the detail panel
+  runs: [],             // the newest runs, by their latest tries (GET /api/v1/runs)
   skewMs: 0,            // the coordinator's clock less this browser's, at the last snapshot
 };
 const MAX_TASKS = 2000;
@@ -139,12 +140,14 @@ function dispatch(block) {
       state.skewMs = Date.parse(v.at) - Date.now() || 0;
       setFeed("live");
       dirty.all();
+      loadRuns();
       break;
     case "task":
       state.tasks.set(v.task_id, v);
       if (state.tasks.size > MAX_TASKS) state.tasks.delete(state.tasks.keys().next().value);
       if (v.task_id === state.selected) loadDetail(v.task_id);
       dirty.tasks = true;
+      if (v.spec.name) loadRuns();
       break;
     case "worker":
       state.workers.set(v.worker_id, v);
@@ -190,8 +193,8 @@ let pending = false;
 // What changed since the last frame: only that is drawn again. A large fleet's table (each
 // worker's telemetry changes it) is drawn at most once a second, not at every frame.
 const dirty = {
-  overview: true, workers: true, tasks: true, charts: true,
-  all() { this.overview = this.workers = this.tasks = this.charts = true; },
+  overview: true, workers: true, tasks: true, charts: true, runs: true,
+  all() { this.overview = this.workers = this.tasks = this.charts = this.runs = true; },
 };
 const LARGE_FLEET = 500;
 let workersDrawn = 0;
@@ -218,8 +221,9 @@ function render() {
     }
   }
   if (dirty.tasks) renderTasks();
+  if (dirty.runs) renderRuns();
   if (dirty.charts) renderCharts();
-  dirty.overview = dirty.tasks = dirty.charts = false;
+  dirty.overview = dirty.tasks = dirty.charts = dirty.runs = false;
 }
 
 // The filters and the selection change the task table.
@@ -311,6 +315,62 @@ function renderTasks() {
   });
   $("#tasks tbody").replaceChildren(...rows);
   $("#task-count").textContent = `${shown.length} of ${all.length}`;
+}
+
+// ---- runs -----------------------------------------------------------------------------------
+// The coordinator judges a run (its latest tries follow retries it recorded, under any name),
+// so the page asks it rather than judging from the tasks it holds: at most one request in
+// flight and one a second, however many of a run's tasks change.
+
+const runs = { loading: false, again: false, last: 0 };
+const RUNS_SHOWN = 10;
+
+async function loadRuns() {
+  if (runs.loading) {
+    runs.again = true;
+    return;
+  }
+  const wait = runs.last + 1000 - performance.now();
+  if (wait > 0) {
+    runs.loading = true;
+    setTimeout(() => { runs.loading = false; loadRuns(); }, wait);
+    return;
+  }
+  runs.loading = true;
+  runs.again = false;
+  runs.last = performance.now();
+  try {
+    state.runs = await api("GET", `/api/v1/runs?limit=${RUNS_SHOWN}`);
+    $("#runs-message").textContent = state.runs.length ? "" : "no run yet: tasks submitted under one name (--name) make one";
+  } catch (e) {
+    $("#runs-message").textContent = `could not load the runs: ${e.message}`;
+  } finally {
+    runs.loading = false;
+    dirty.runs = true;
+    schedule();
+    if (runs.again) loadRuns();
+  }
+}
+
+function renderRuns() {
+  const rows = state.runs.map((r) => {
+    const statuses = Object.entries(r.by_status).map(([s, n]) => `${n} ${s}`).join(", ");
+    const name = el("a", { href: "#", title: "show its tasks" }, r.name);
+    name.onclick = (e) => {
+      e.preventDefault();
+      $("#text-filter").value = r.name;
+      redrawTasks();
+    };
+    return el("tr", { "data-run": r.name, "data-verdict": r.verdict },
+      el("td", { class: "name" }, name),
+      el("td", {}, badge(r.verdict)),
+      el("td", {}, r.tasks),
+      el("td", {}, statuses),
+      el("td", {}, r.retried),
+      el("td", {}, time(r.last_submitted_at)),
+      el("td", {}, secs(r.first_submitted_at, r.finished_at)));
+  });
+  $("#runs tbody").replaceChildren(...rows);
 }
 
 // ---- charts (canvas, no library) ------------------------------------------------------------
@@ -418,6 +478,10 @@ function timeline(task, checkpoints, results, st) {
   ];
   // The task's retries: each a link to that task.
   const link = (id) => el("a", { href: "#", onclick: (e) => { e.preventDefault(); select(id); } }, el("code", {}, id));
+  if (task.spec.name) out.push(el("p", { class: "run" }, "run ", el("code", {}, task.spec.name)));
+  if (task.spec.retry_on?.length) {
+    out.push(el("p", { class: "retry-on" }, `runs again when an attempt ${task.spec.retry_on.join(" or ").replaceAll("_", " ")}, up to ${task.spec.max_attempts ?? 3} attempts`));
+  }
   if (task.spec.retry_of) out.push(el("p", { class: "retry-of" }, "retry of ", link(task.spec.retry_of)));
   if (task.retried_by) out.push(el("p", { class: "retried-by" }, "retried by ", link(task.retried_by)));
   out.push(el("h2", {}, "Attempts"));
