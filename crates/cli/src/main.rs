@@ -93,6 +93,9 @@ enum Cmd {
     /// A run's verdict: its tasks (`--name`), each by its latest try, as a table, JSON or
     /// JUnit XML (`--junit FILE`) for a CI system; exit 0 only if every one completed.
     Report(client::ReportArgs),
+    /// The newest runs (the tasks of one `--name`), each judged by its tasks' latest tries:
+    /// running, passed or failed, with the latest tries by status.
+    Runs(client::RunsArgs),
     /// Drain workers (one or several ids): no new task goes to them, and what they run goes on
     /// to its end; with `--wait`, wait until none holds any. A worker stays drained, across its
     /// restarts and the coordinator's, until undrained.
@@ -155,6 +158,7 @@ fn main() -> std::process::ExitCode {
         &cli.cmd,
         Cmd::Cert(_)
             | Cmd::Tasks(_)
+            | Cmd::Runs(_)
             | Cmd::Task(_)
             | Cmd::Workers { .. }
             | Cmd::Cancel(_)
@@ -227,6 +231,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Checkpoint(a) => client::checkpoint(a).await,
             Cmd::Retry(a) => client::retry(a).await,
             Cmd::Report(a) => client::report(a).await,
+            Cmd::Runs(a) => client::runs(a).await,
             Cmd::Drain(a) => client::drain(a).await,
             Cmd::Undrain(a) => client::undrain(a).await,
             Cmd::Demo(a) => demo::run(a).await,

@@ -716,3 +716,62 @@ async fn retry_of_more_tasks_than_one_submission_takes_sends_them_in_parts() {
     );
     c.stop().await;
 }
+
+/// `tether runs` lists the newest runs as the coordinator judges them, by their latest tries:
+/// a run with a failure fails, and passes once that failure's retry completed (under any
+/// name); `--name` asks for one, `--json` gives the API's answer.
+#[tokio::test]
+async fn runs_lists_each_run_by_its_latest_tries() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, base, client, w) = one_worker(&dir).await;
+    let ok = dir.path().join("ok");
+    one_failed_one_passed(&client, &ok, "run-9").await;
+    let (code, out, err) = tether(&base, &["runs"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("RUN "), "{out}");
+    let row: Vec<&str> = lines[1].split("  ").filter(|c| !c.is_empty()).collect();
+    assert_eq!(
+        row[..6].iter().map(|c| c.trim()).collect::<Vec<_>>(),
+        ["run-9", "failed", "2", "1 completed, 1 failed", "0", "0"],
+        "{out}"
+    );
+
+    std::fs::write(&ok, b"").expect("the file it needs");
+    let (code, out, err) = tether(
+        &base,
+        &["retry", "--of", "run-9", "--name", "run-9-r1", "--watch"],
+    )
+    .await;
+    assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
+    let (code, out, err) = tether(&base, &["runs", "--name", "run-9", "--json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let runs: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(runs.as_array().map(Vec::len), Some(1), "{runs}");
+    assert_eq!(
+        (&runs[0]["verdict"], &runs[0]["tasks"], &runs[0]["retried"]),
+        (
+            &serde_json::json!("passed"),
+            &serde_json::json!(2),
+            &serde_json::json!(1)
+        ),
+        "{runs}"
+    );
+    assert_eq!(runs[0]["by_status"], serde_json::json!({"completed": 2}));
+    assert_eq!(runs[0]["flaky"], 1, "completed after a failure: {runs}");
+    // Newest first: the retry's own run, then the first.
+    let (code, out, _) = tether(&base, &["runs", "--limit", "1"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("run-9-r1 ")),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let (code, out, err) = tether(&base, &["runs", "--name", "no-such-run"]).await;
+    assert_eq!((code, out.as_str()), (Some(0), ""), "{err}");
+    assert!(err.contains("no task named \"no-such-run\""), "{err}");
+    w.stop().await.expect("w1 stops");
+    c.stop().await;
+}

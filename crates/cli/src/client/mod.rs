@@ -22,7 +22,7 @@ pub use commands::{
 };
 pub(crate) use commands::{away_lines, parse_name};
 pub(crate) use runs::latest_tries_named;
-pub use runs::{ReportArgs, report};
+pub use runs::{ReportArgs, RunsArgs, report, runs};
 pub(crate) use table::shown;
 
 /// Default coordinator address for client commands.

@@ -579,6 +579,82 @@ fn xml_text(text: &str) -> String {
     }
 }
 
+#[derive(Args)]
+pub struct RunsArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Only the run of this name.
+    #[arg(long, value_parser = parse_name)]
+    name: Option<String>,
+    /// At most this many runs, the newest (by its latest submission) first.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    limit: u64,
+}
+
+const RUNS_HEAD: [&str; 8] = [
+    "RUN",
+    "VERDICT",
+    "TASKS",
+    "LATEST TRIES",
+    "RETRIED",
+    "FLAKY",
+    "LAST SUBMITTED",
+    "TOOK",
+];
+
+/// `tether runs`: the newest runs as the coordinator judges them (`GET /api/v1/runs`), each
+/// by its tasks' latest tries; `tether report --name` has one in detail.
+pub async fn runs(a: RunsArgs) -> anyhow::Result<()> {
+    let api = Api::new(&a.common)?;
+    let mut path = format!("/api/v1/runs?limit={}", a.limit);
+    if let Some(name) = &a.name {
+        path = format!("{path}&{}", name_param(name));
+    }
+    let v = api.get(&path).await?;
+    if a.common.json {
+        outln!("{v}")?;
+        return Ok(());
+    }
+    if v.as_array().is_none_or(Vec::is_empty) {
+        match &a.name {
+            Some(name) => eprintln!("no task named {:?} at this coordinator", shown(name)),
+            None => eprintln!("no run yet: tasks submitted under one name (`--name`) make one"),
+        }
+        return Ok(());
+    }
+    print_table(&RUNS_HEAD, &rows_of(&v, run_row))?;
+    Ok(())
+}
+
+/// A run's row in `tether runs`.
+fn run_row(r: &Value) -> Vec<String> {
+    let statuses = r["by_status"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(status, n)| format!("{n} {status}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let took = [&r["first_submitted_at"], &r["finished_at"]].map(|t| {
+        t.as_str()
+            .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+    });
+    let took = match took {
+        [Some(from), Some(to)] => span((to - from).num_seconds()),
+        _ => "-".to_owned(),
+    };
+    vec![
+        s(&r["name"]),
+        s(&r["verdict"]),
+        r["tasks"].to_string(),
+        statuses,
+        r["retried"].to_string(),
+        r["flaky"].to_string(),
+        when(&r["last_submitted_at"]),
+        took,
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,6 +46,9 @@ pub struct RunSummary {
     pub by_status: BTreeMap<&'static str, u64>,
     /// Of them, tries that are retries (their task was run again as a new task).
     pub retried: u64,
+    /// Of them, completed after an earlier try or attempt failed or timed out (a flaky test:
+    /// `tether report` marks it so).
+    pub flaky: u64,
     pub verdict: RunVerdict,
     /// When its first and its latest task (of the name) were submitted.
     pub first_submitted_at: DateTime<Utc>,
@@ -88,6 +91,7 @@ impl Core {
             tasks: 0,
             by_status: BTreeMap::new(),
             retried: 0,
+            flaky: 0,
             verdict: RunVerdict::Passed,
             first_submitted_at: first.submitted_at,
             last_submitted_at: last.submitted_at,
@@ -98,10 +102,11 @@ impl Core {
             .iter()
             .filter(|t| !t.spec.retry_of.as_ref().is_some_and(of_the_run))
         {
-            let latest = self.latest_try(head);
+            let (latest, failed_before) = self.latest_try(head);
             run.tasks += 1;
             *run.by_status.entry(latest.status.as_str()).or_default() += 1;
             run.retried += u64::from(latest.task_id != head.task_id);
+            run.flaky += u64::from(latest.status == TaskStatus::Completed && failed_before);
             if !latest.status.is_terminal() {
                 ended = false;
             } else if latest.status != TaskStatus::Completed {
@@ -116,18 +121,27 @@ impl Core {
         Some(run)
     }
 
-    /// The last of `task`'s retries (itself when it has none), as far as they are kept: a
-    /// retry removed by retention ends the chain at the task it retried.
-    fn latest_try<'a>(&'a self, task: &'a Task) -> &'a Task {
+    /// The last of `task`'s retries (itself when it has none), as far as they are kept (a
+    /// retry removed by retention ends the chain at the task it retried), and whether an
+    /// earlier try, or an earlier attempt of the last, failed or timed out.
+    fn latest_try<'a>(&'a self, task: &'a Task) -> (&'a Task, bool) {
+        let failure = |end: Option<&str>| matches!(end, Some("failed" | "timed_out"));
         let mut t = task;
+        let mut failed_before = false;
         // A retry is made only of an ended task, under a new id, so a chain cannot loop;
         // bounded all the same.
         for _ in 0..self.tasks.len() {
             match t.retried_by.as_ref().and_then(|id| self.tasks.get(id)) {
-                Some(next) => t = next,
+                Some(next) => {
+                    failed_before |= failure(Some(t.status.as_str()))
+                        || t.attempts.iter().any(|a| failure(a.end.as_deref()));
+                    t = next;
+                }
                 None => break,
             }
         }
-        t
+        let attempts = t.attempts.iter().rev().skip(1);
+        failed_before |= attempts.into_iter().any(|a| failure(a.end.as_deref()));
+        (t, failed_before)
     }
 }

@@ -3928,7 +3928,7 @@ fn a_run_is_judged_by_the_latest_try_of_each_of_its_tasks() {
         ..TaskSpec::new("sleep", serde_json::json!({}))
     };
     let mut seq = 0;
-    // Runs `task` on `a` (its one slot) to `outcome`.
+    // Runs `task`'s current attempt on `a` (its one slot) to `outcome`.
     let mut ends = |h: &mut Harness, task: &TaskId, outcome: Outcome| {
         let attempt = h.core.tasks[task].attempt.0;
         seq += 1;
@@ -3938,9 +3938,13 @@ fn a_run_is_judged_by_the_latest_try_of_each_of_its_tasks() {
         r.outcome = outcome;
         h.frame("a", s, WorkerMsg::TaskResult(r));
         drain(&mut rx);
+        let record = h.core.tasks[task]
+            .attempts
+            .iter()
+            .find(|a| a.attempt.0 == attempt);
         assert_eq!(
-            h.core.tasks[task].status,
-            TaskStatus::from(outcome),
+            record.and_then(|a| a.end.as_deref()),
+            Some(TaskStatus::from(outcome).as_str()),
             "{task}"
         );
     };
@@ -3978,12 +3982,15 @@ fn a_run_is_judged_by_the_latest_try_of_each_of_its_tasks() {
     let t4 = h.submit_spec(named(Some("nightly"), Some(&t2)));
     let r = run(&h);
     assert_eq!((r.tasks, r.retried, r.verdict), (3, 1, RunVerdict::Running));
+    assert_eq!(r.flaky, 0, "not completed yet");
     ends(&mut h, &t4, Outcome::Completed);
     let t5 = h.submit_spec(named(Some("elsewhere"), Some(&t3)));
     ends(&mut h, &t5, Outcome::Completed);
     let r = run(&h);
     assert_eq!((r.tasks, r.retried, r.verdict), (3, 2, RunVerdict::Passed));
     assert_eq!(r.by_status, [("completed", 3)].into());
+    // Completed after a failure: flaky; after a cancel, not.
+    assert_eq!(r.flaky, 1);
     assert_eq!(r.finished_at, h.core.tasks[&t5].finished_at);
     assert_eq!(r.first_submitted_at, h.core.tasks[&t1].submitted_at);
     assert_eq!(r.last_submitted_at, h.core.tasks[&t4].submitted_at);
@@ -4021,4 +4028,19 @@ fn a_run_is_judged_by_the_latest_try_of_each_of_its_tasks() {
         (other.tasks, other.retried, other.verdict),
         (1, 0, RunVerdict::Passed)
     );
+
+    // A task run again on its failure (`retry_on`) that completed by its second attempt is
+    // flaky too, with no retry: its first attempt failed.
+    let flaky = h.submit_spec(TaskSpec {
+        retry_on: vec![tether_proto::RetryOn::Failed],
+        max_attempts: Some(2),
+        ..named(Some("flaky"), None)
+    });
+    ends(&mut h, &flaky, Outcome::Failed);
+    ends(&mut h, &flaky, Outcome::Completed);
+    let r = &h.core.runs(&RunQuery {
+        name: Some("flaky".into()),
+        limit: 1,
+    })[0];
+    assert_eq!((r.retried, r.flaky, r.verdict), (0, 1, RunVerdict::Passed));
 }

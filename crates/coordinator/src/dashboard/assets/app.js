@@ -367,6 +367,7 @@ function renderRuns() {
       el("td", {}, r.tasks),
       el("td", {}, statuses),
       el("td", {}, r.retried),
+      el("td", {}, r.flaky),
       el("td", {}, time(r.last_submitted_at)),
       el("td", {}, secs(r.first_submitted_at, r.finished_at)));
   });
