@@ -111,11 +111,7 @@ pub async fn run(a: WatchArgs) -> anyhow::Result<()> {
 /// retry of it); none named is an error ([`crate::client::latest_tries_named`]).
 async fn run_tasks(api: &Api, name: &str) -> anyhow::Result<BTreeSet<String>> {
     let run = crate::client::latest_tries_named(api, name).await?;
-    let ids: BTreeSet<String> = run
-        .tries
-        .iter()
-        .filter_map(|t| t.task["task_id"].as_str().map(str::to_owned))
-        .collect();
+    let ids: BTreeSet<String> = run.tries.iter().map(|t| t.task.task_id.clone()).collect();
     match (ids.len() == run.named, run.elsewhere) {
         (true, 0) => eprintln!("following the {} tasks named {name:?}", ids.len()),
         (_, elsewhere) => eprintln!(

@@ -528,13 +528,16 @@ pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
     let given: Vec<String> = match &a.of {
         Some(run) => {
-            let unfinished = |t: &Value| has_ended(t) && t["status"] != "completed";
+            let unfinished = |status: &str| {
+                tether_proto::TaskStatus::parse(status).is_some_and(|s| s.is_terminal())
+                    && status != "completed"
+            };
             let run_tries = latest_tries_named(&api, run).await?;
             let ids: Vec<String> = run_tries
                 .tries
                 .iter()
-                .filter(|t| unfinished(&t.task))
-                .map(|t| s(&t.task["task_id"]))
+                .filter(|t| unfinished(&t.task.status))
+                .map(|t| t.task.task_id.clone())
                 .collect();
             if ids.is_empty() {
                 eprintln!(

@@ -30,7 +30,7 @@ pub(super) async fn tasks_by_id<'a>(
 pub(crate) struct Try {
     /// The latest try: the task itself, or the last retry of it, with the fields a run's
     /// readers look at ([`slim`]).
-    pub task: Value,
+    pub task: Slim,
     /// What it runs ([`what_it_runs`]), read before its config was let go.
     pub what: String,
     /// How many tasks the chain holds, this one included: 1 for a task never retried.
@@ -39,39 +39,68 @@ pub(crate) struct Try {
     pub failed_before: bool,
 }
 
+/// A task as a run's reading keeps it ([`slim`]): the fields the readers of a run look at,
+/// typed, the rest let go.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub(crate) struct Slim {
+    pub task_id: String,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub retried_by: Option<String>,
+    #[serde(default)]
+    pub spec: SlimSpec,
+    #[serde(default)]
+    pub attempts: Vec<SlimAttempt>,
+}
+
+/// Of a task's spec, its run and what it retries.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub(crate) struct SlimSpec {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub retry_of: Option<String>,
+}
+
+/// Of an attempt, how and when it ended.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub(crate) struct SlimAttempt {
+    #[serde(default)]
+    pub end: Option<String>,
+    #[serde(default)]
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default)]
+    pub ended_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// Task `t` as a run's reading keeps it, with what it runs: the fields the readers of a run
 /// look at (its id, status, error, retry links, name, and its attempts' ends and times), the
 /// rest let go (its config, up to a frame's size; its checkpoint's record, its lease, its
-/// attempts' workers...), so that a run of many tasks costs the client little a task.
-fn slim(t: Value) -> (Value, String) {
+/// attempts' workers...), in a typed record, so that a run of many tasks costs the client
+/// little a task. A task the coordinator listed that does not read as one is an error.
+fn slim(t: Value) -> anyhow::Result<(Slim, String)> {
     let what = what_it_runs(&t["spec"]);
-    let attempts: Vec<Value> = t["attempts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| json!({"end": a["end"], "started_at": a["started_at"], "ended_at": a["ended_at"]}))
-        .collect();
-    let kept = json!({
-        "task_id": t["task_id"],
-        "status": t["status"],
-        "error": t["error"],
-        "retried_by": t["retried_by"],
-        "spec": {"name": t["spec"]["name"], "retry_of": t["spec"]["retry_of"]},
-        "attempts": attempts,
-    });
-    (kept, what)
+    let kept = <Slim as serde::Deserialize>::deserialize(&t).with_context(|| {
+        format!(
+            "the coordinator listed a task that does not read as one: {}",
+            cut_line(&t.to_string(), 200)
+        )
+    })?;
+    Ok((kept, what))
 }
 
 /// Whether `end` (a task's status, an attempt's end) is a failure: `failed` or `timed_out`.
-fn is_failure(end: &Value) -> bool {
-    matches!(end.as_str(), Some("failed" | "timed_out"))
+fn is_failure(end: Option<&str>) -> bool {
+    matches!(end, Some("failed" | "timed_out"))
 }
 
 /// Whether task `t` ended failed or timed out, or had an attempt that did (one its spec's
 /// `retry_on` ran again).
-fn failed(t: &Value) -> bool {
-    let ends = t["attempts"].as_array().into_iter().flatten();
-    is_failure(&t["status"]) || ends.into_iter().any(|a| is_failure(&a["end"]))
+fn failed(t: &Slim) -> bool {
+    is_failure(Some(&t.status)) || t.attempts.iter().any(|a| is_failure(a.end.as_deref()))
 }
 
 /// A run's latest tries ([`latest_tries_named`]).
@@ -96,7 +125,9 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
     let mut pages = TaskPages::new(api, &query, 1000);
     let mut run = Vec::new();
     while let Some(page) = pages.next().await? {
-        run.extend(page.into_iter().map(slim));
+        for t in page {
+            run.push(slim(t)?);
+        }
     }
     let named = run.len();
     if named == 0 {
@@ -105,12 +136,12 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
         );
     }
     // Each task once: in `known` until a chain takes it.
-    let ids: Vec<String> = run.iter().map(|(t, _)| s(&t["task_id"])).collect();
-    let mut known: HashMap<String, (Value, String)> = ids.iter().cloned().zip(run).collect();
+    let ids: Vec<String> = run.iter().map(|(t, _)| t.task_id.clone()).collect();
+    let mut known: HashMap<String, (Slim, String)> = ids.iter().cloned().zip(run).collect();
     let first: Vec<&String> = ids
         .iter()
         .filter(|id| {
-            let of = known[*id].0["spec"]["retry_of"].as_str();
+            let of = known[*id].0.spec.retry_of.as_deref();
             !of.is_some_and(|of| known.contains_key(of))
         })
         .collect();
@@ -129,13 +160,13 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
     // Every task passed: a chain cannot loop, whatever the records say. And the retries the
     // coordinator no longer has (removed by retention before the task they repeat): that task
     // is the latest it has.
-    let mut passed: BTreeSet<String> = chains.iter().map(|c| s(&c.task["task_id"])).collect();
+    let mut passed: BTreeSet<String> = chains.iter().map(|c| c.task.task_id.clone()).collect();
     let mut gone = BTreeSet::new();
     loop {
         // Follow each chain as far as the tasks known go; the links to read next.
         let mut wanted = BTreeSet::new();
         for c in &mut chains {
-            while let Some(by) = c.task["retried_by"].as_str().map(str::to_owned) {
+            while let Some(by) = c.task.retried_by.clone() {
                 if passed.contains(&by) || gone.contains(&by) {
                     break;
                 }
@@ -156,7 +187,7 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
         for by in wanted {
             match found.remove(&by) {
                 Some(next) => {
-                    known.insert(by, slim(next));
+                    known.insert(by, slim(next)?);
                 }
                 None => {
                     gone.insert(by);
@@ -166,7 +197,7 @@ pub(crate) async fn latest_tries_named(api: &Api, name: &str) -> anyhow::Result<
     }
     let elsewhere = chains
         .iter()
-        .filter(|c| c.task["spec"]["name"] != name)
+        .filter(|c| c.task.spec.name.as_deref() != Some(name))
         .count();
     Ok(RunTries {
         tries: chains,
@@ -226,7 +257,7 @@ struct Case {
 
 impl Case {
     fn status(&self) -> &str {
-        self.try_.task["status"].as_str().unwrap_or("")
+        &self.try_.task.status
     }
 
     fn flaky(&self) -> bool {
@@ -235,18 +266,18 @@ impl Case {
 
     /// How many attempts its latest try had.
     fn attempts(&self) -> usize {
-        self.try_.task["attempts"].as_array().map_or(0, Vec::len)
+        self.try_.task.attempts.len()
     }
 
     fn of(try_: Try) -> Self {
-        let t = &try_.task;
-        let attempts: &[Value] = t["attempts"].as_array().map_or(&[], Vec::as_slice);
+        let attempts = &try_.task.attempts;
         let earlier = attempts.len().saturating_sub(1);
-        let failed_before =
-            try_.failed_before || attempts[..earlier].iter().any(|a| is_failure(&a["end"]));
+        let failed_before = try_.failed_before
+            || attempts[..earlier]
+                .iter()
+                .any(|a| is_failure(a.end.as_deref()));
         let took = attempts.last().and_then(|a| {
-            let at = |v: &Value| v.as_str()?.parse::<chrono::DateTime<chrono::Utc>>().ok();
-            let (start, end) = (at(&a["started_at"])?, at(&a["ended_at"])?);
+            let (start, end) = (a.started_at?, a.ended_at?);
             Some((end - start).num_milliseconds().max(0) as f64 / 1000.0)
         });
         Case {
@@ -259,9 +290,10 @@ impl Case {
 
     /// The error the latest try ended with, if any: the coordinator's, or its result's.
     fn error(&self) -> Option<String> {
-        let t = &self.try_.task;
-        t["error"]
-            .as_str()
+        self.try_
+            .task
+            .error
+            .as_deref()
             .or_else(|| self.result.as_ref()?["body"]["error"]["message"].as_str())
             .map(str::to_owned)
     }
@@ -282,8 +314,8 @@ impl Case {
     fn json(&self, outputs: bool) -> Value {
         let t = &self.try_.task;
         let mut v = json!({
-            "task_id": t["task_id"],
-            "status": t["status"],
+            "task_id": t.task_id,
+            "status": t.status,
             "tries": self.try_.tries,
             "attempts": self.attempts(),
             "took_s": self.took,
@@ -325,14 +357,14 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
     // The results of those that failed, for their error and output (with --outputs, of every
     // one that ended, for its figures); a few requests at once.
     let unfinished: Vec<usize> = (0..cases.len())
-        .filter(|&i| match &cases[i].try_.task["status"] {
-            s if is_failure(s) => true,
-            s => a.outputs && matches!(s.as_str(), Some("completed" | "cancelled")),
+        .filter(|&i| match cases[i].status() {
+            s if is_failure(Some(s)) => true,
+            s => a.outputs && matches!(s, "completed" | "cancelled"),
         })
         .collect();
     let paths: Vec<String> = unfinished
         .iter()
-        .map(|&i| format!("/api/v1/tasks/{}/result", s(&cases[i].try_.task["task_id"])))
+        .map(|&i| format!("/api/v1/tasks/{}/result", cases[i].try_.task.task_id))
         .collect();
     let results: Vec<anyhow::Result<Value>> = futures_util::stream::iter(&paths)
         .map(|p| api.get(p))
@@ -376,12 +408,11 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
         let rows: Vec<Vec<String>> = cases
             .iter()
             .map(|c| {
-                let t = &c.try_.task;
                 vec![
-                    s(&t["task_id"]),
+                    shown(&c.try_.task.task_id),
                     match c.flaky() {
                         true => "completed (flaky)".to_owned(),
-                        false => c.status().to_owned(),
+                        false => shown(c.status()),
                     },
                     c.try_.tries.to_string(),
                     c.attempts().to_string(),
@@ -398,8 +429,8 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
             if let Some(e) = c.error() {
                 outln!(
                     "{} {}: {}",
-                    s(&c.try_.task["task_id"]),
-                    c.status(),
+                    shown(&c.try_.task.task_id),
+                    shown(c.status()),
                     shown(&e)
                 )?;
             }
@@ -438,7 +469,7 @@ fn junit(name: &str, cases: &[Case]) -> std::io::Result<Vec<u8>> {
         *seen.entry(&c.try_.what).or_default() += 1;
     }
     let count = |f: &dyn Fn(&Case) -> bool| cases.iter().filter(|c| f(c)).count().to_string();
-    let failures = count(&|c| is_failure(&c.try_.task["status"]));
+    let failures = count(&|c| is_failure(Some(c.status())));
     let skipped = count(&|c| c.status() == "cancelled");
     let errors = count(&|c| {
         !matches!(
@@ -485,7 +516,7 @@ fn test_case(
     same_what: bool,
 ) -> std::io::Result<()> {
     use quick_xml::events::BytesText;
-    let id = s(&c.try_.task["task_id"]);
+    let id = shown(&c.try_.task.task_id);
     let name = match same_what {
         true => format!("{} [{id}]", c.try_.what),
         false => c.try_.what.clone(),
@@ -675,7 +706,7 @@ mod tests {
             "spec": {"kind": "command", "config": {"shell": what}},
             "attempts": attempts,
         });
-        let (task, what) = slim(task);
+        let (task, what) = slim(task).expect("a task");
         let mut c = Case::of(Try {
             task,
             what,
@@ -864,7 +895,8 @@ mod tests {
     fn a_failure_before_is_an_end_failed_or_timed_out() {
         let t = |status: &str, ends: &[&str]| {
             let attempts: Vec<Value> = ends.iter().map(|e| json!({"end": e})).collect();
-            failed(&json!({"status": status, "attempts": attempts}))
+            let task = json!({"task_id": "t-1", "status": status, "attempts": attempts});
+            failed(&slim(task).expect("a task").0)
         };
         assert!(t("failed", &["failed"]));
         assert!(t("timed_out", &["timed_out"]));
