@@ -265,12 +265,13 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         let _ = j.await;
     }
     // Every result the coordinator answered `recorded` or `stale` (of a lost lease, or of a
-    // cancelled attempt, counted apart) is one row it stored: a result recorded twice
+    // cancelled attempt, a retried end or a worker's fault, counted apart: `RESULT_ROWS`) is
+    // one row it stored: a result recorded twice
     // (answered `recorded` again on a resend) stores no second row but counts twice. Its
     // counters and what its API says of each task are read between two reads of the counters
     // that agree, so none arrived between.
     let said_recorded = |o: &Value| {
-        ["results_recorded", "results_stale", "results_cancelled"]
+        tether_coordinator::core::Counters::RESULT_ROWS
             .iter()
             .map(|c| o["counters"][c].as_u64().unwrap_or(0))
             .sum::<u64>()

@@ -936,15 +936,15 @@ impl Run {
         })
     }
 
-    /// The results the running coordinator answered `recorded` or `stale` (each stores one
-    /// row; those of cancelled attempts are counted apart), read until two reads 250 ms apart
+    /// The results the running coordinator stored a row of, by its counters
+    /// ([`tether_coordinator::core::Counters::RESULT_ROWS`]), read until two reads 250 ms apart
     /// agree: the sessions' last frames are taken. Only once the fleet exited (`_fleet`), so
     /// that no worker sends one more.
     async fn settled_results(&self, _fleet: &Exited) -> anyhow::Result<u64> {
         let mut last = None;
         for _ in 0..40 {
             let said = self
-                .counters(["results_recorded", "results_stale", "results_cancelled"])
+                .counters(tether_coordinator::core::Counters::RESULT_ROWS)
                 .await?
                 .iter()
                 .sum::<u64>();
@@ -1227,7 +1227,7 @@ impl Run {
             t.recorded_twice == 0 && said == t.stored_since,
             format!(
                 "{} tasks with more than one counted result; the coordinator running last said \
-                 {said} results recorded (or stale) and stored {}, and answered {duplicate} sent \
+                 {said} results recorded (or kept uncounted) and stored {}, and answered {duplicate} sent \
                  again duplicate",
                 t.recorded_twice, t.stored_since
             ),

@@ -621,6 +621,8 @@ impl Core {
             ("results_stale", &c.results_stale),
             ("results_cancelled", &c.results_cancelled),
             ("results_adopted", &c.results_adopted),
+            ("results_retried", &c.results_retried),
+            ("results_worker_fault", &c.results_worker_fault),
             ("leases_restored", &c.leases_restored),
             (
                 "checkpoint_messages_duplicate",

@@ -746,9 +746,15 @@ impl Core {
                     && r.outcome == tether_proto::Outcome::Failed
                 {
                     self.requeue_worker_fault(worker, &r, b);
+                    self.counters
+                        .results_worker_fault
+                        .fetch_add(1, Ordering::Relaxed);
                     (Disposition::Recorded, "worker_fault")
                 } else if standing == Standing::Holder && self.retried_on(&r) {
                     self.requeue_retried(worker, &r, b);
+                    self.counters
+                        .results_retried
+                        .fetch_add(1, Ordering::Relaxed);
                     (Disposition::Recorded, "retried")
                 } else if standing == Standing::Stale && self.adoptable(worker, &r) {
                     self.supersede_for(&task_id, r.attempt, b);

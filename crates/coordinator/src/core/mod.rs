@@ -216,6 +216,14 @@ pub struct Counters {
     /// Finished results of attempts whose lease was lost, counted because their task had no
     /// counted result yet (answered `recorded`; counted in `results_recorded` too).
     pub results_adopted: AtomicU64,
+    /// Results that ended an attempt as its task's `retry_on` names while it had attempts to
+    /// spare: kept with the attempt, not counted, and the task run again (answered `recorded`:
+    /// the worker's part is done).
+    pub results_retried: AtomicU64,
+    /// Results of attempts the worker could not run for a fault of its own (`worker_fault`):
+    /// kept with the attempt, not counted, and the task run again elsewhere (answered
+    /// `recorded`).
+    pub results_worker_fault: AtomicU64,
     /// Leases given back to a worker that came back with the lost attempt finished, before
     /// any other attempt started (`Core::restore_lease`).
     pub leases_restored: AtomicU64,
@@ -309,6 +317,19 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// The counters of `/api/v1/overview` that count, between them, every result the
+    /// coordinator stored a row of, each once: counted (`results_recorded`, adopted ones
+    /// included), kept stale, of a cancelled attempt, run again on its end (`retry_on`), and
+    /// of an attempt its worker could not run. A result answered `recorded` twice shows as
+    /// their sum running ahead of the rows stored (a test's ground truth reads both).
+    pub const RESULT_ROWS: [&'static str; 5] = [
+        "results_recorded",
+        "results_stale",
+        "results_cancelled",
+        "results_retried",
+        "results_worker_fault",
+    ];
+
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }

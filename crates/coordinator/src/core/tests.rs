@@ -620,6 +620,9 @@ async fn a_result_of_an_attempt_its_worker_could_not_run_requeues_the_task_and_r
         assert!(h.core.workers[&wid("a")].resting.is_none());
         rest *= 2;
     }
+    // Each kept with its attempt and counted apart, none counted as the task's.
+    assert_eq!(Counters::get(&h.core.counters.results_worker_fault), 3);
+    assert_eq!(Counters::get(&h.core.counters.results_recorded), 0);
     let task = &h.core.tasks[&t];
     assert_eq!(task.status, TaskStatus::Failed);
     let error = task.error.as_deref().unwrap_or_default();
@@ -3857,12 +3860,15 @@ fn a_task_that_retries_on_failure_runs_again_until_its_last_attempt_fails() {
         task.error
     );
     assert_eq!(Counters::get(&h.core.counters.results_recorded), 1);
+    // Each stored result is counted once: the two that ran the task again apart.
+    assert_eq!(Counters::get(&h.core.counters.results_retried), 2);
     // A retried attempt's result sent again (its frame replayed, or under a new number) is
     // answered as before or as a duplicate: no second retry, the end stands.
     h.frame("a", s, faulty(1, &t, 1, false));
     assert_eq!(result_ack(&drain(&mut rx)), Disposition::Recorded);
     h.frame("a", s, faulty(9, &t, 1, false));
     assert_eq!(result_ack(&drain(&mut rx)), Disposition::Duplicate);
+    assert_eq!(Counters::get(&h.core.counters.results_retried), 2);
     assert_eq!(h.core.tasks[&t].attempts.len(), 3);
     assert_eq!(h.core.tasks[&t].status, TaskStatus::Failed);
 

@@ -1048,6 +1048,14 @@ async fn a_retried_failure_whose_ack_was_lost_is_not_retried_twice() {
         overview["counters"]["results_duplicate"].as_u64() >= Some(1),
         "the failure was sent again, and taken as a duplicate: {overview}"
     );
+    // Each stored result counted once by the counters that count them: the retried failure
+    // apart (`results_retried`), its resend not at all.
+    let rows: u64 = tether_coordinator::core::Counters::RESULT_ROWS
+        .iter()
+        .map(|name| overview["counters"][name].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(rows, 2, "{overview}");
+    assert_eq!(overview["counters"]["results_retried"], 1, "{overview}");
     w.stop().await.expect("stop");
     c.stop().await;
 }
