@@ -346,25 +346,39 @@ async fn the_dashboard_shows_a_run_by_its_latest_tries() {
         );
     }
 
-    // Its name shows its tasks: the three submitted under it, and nothing else.
-    let other = client.submit(&[sleep_task(10, 1, 0)]).await.remove(0);
-    browser
-        .wait_eval(
-            "the unnamed task",
-            &format!("({}) !== null", task_status(other.as_str())),
-            json!(true),
-        )
+    // Its name shows its tasks: the three submitted under it, and nothing else (not an
+    // unnamed task, nor one of a run whose name it begins).
+    let others = client
+        .submit(&[
+            sleep_task(10, 1, 0),
+            tether_proto::TaskSpec {
+                name: Some("nightly-7-b".into()),
+                ..sleep_task(10, 1, 0)
+            },
+        ])
         .await;
+    for other in &others {
+        browser
+            .wait_eval(
+                "the other tasks",
+                &format!("({}) !== null", task_status(other.as_str())),
+                json!(true),
+            )
+            .await;
+    }
     browser.eval(&run("querySelector('a').click()")).await;
     let mut want = vec![ids[0].to_string(), ids[1].to_string(), again.to_string()];
     want.sort();
+    let shown = "[...document.querySelectorAll('#tasks tbody tr')].map(r => r.dataset.task).sort()";
     browser
-        .wait_eval(
-            "the run's tasks",
-            "[...document.querySelectorAll('#tasks tbody tr')].map(r => r.dataset.task).sort()",
-            json!(want),
-        )
+        .wait_eval("the run's tasks", shown, json!(want))
         .await;
+    assert_eq!(
+        browser
+            .eval("document.querySelector('#run-filter').textContent")
+            .await,
+        json!("run nightly-7 ×")
+    );
 
     // The failing task's detail says what it runs again on.
     browser
@@ -378,6 +392,17 @@ async fn the_dashboard_shows_a_run_by_its_latest_tries() {
             "what it retries on",
             "document.querySelector('#detail .retry-on')?.textContent ?? null",
             json!("runs again when an attempt failed, up to 2 attempts"),
+        )
+        .await;
+    // The run's filter taken off: every task again.
+    browser
+        .eval("document.querySelector('#run-filter').click()")
+        .await;
+    browser
+        .wait_eval(
+            "every task",
+            "document.querySelectorAll('#tasks tbody tr').length",
+            json!(5),
         )
         .await;
     w.stop().await.expect("stop w1");

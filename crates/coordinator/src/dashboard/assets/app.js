@@ -10,6 +10,7 @@ const state = {
   intervalMs: 10000,
   selected: null,       // task_id shown in the detail panel
   runs: [],             // the newest runs, by their latest tries (GET /api/v1/runs)
+  run: null,            // the run whose tasks alone the task table shows (its name, exactly)
   skewMs: 0,            // the coordinator's clock less this browser's, at the last snapshot
 };
 const MAX_TASKS = 2000;
@@ -295,6 +296,7 @@ function renderTasks() {
   const all = [...state.tasks.values()].sort((a, b) => b.submit_seq - a.submit_seq);
   const shown = all.filter((t) => {
     if (status && t.status !== status) return false;
+    if (state.run !== null && t.spec.name !== state.run) return false;
     if (!text) return true;
     const worker = t.lease?.worker || t.attempts?.at(-1)?.worker || "";
     return [t.task_id, t.spec.kind, t.spec.name || "", worker].some((s) => s.toLowerCase().includes(text));
@@ -358,8 +360,7 @@ function renderRuns() {
     const name = el("a", { href: "#", title: "show its tasks" }, r.name);
     name.onclick = (e) => {
       e.preventDefault();
-      $("#text-filter").value = r.name;
-      redrawTasks();
+      showRun(r.name);
     };
     return el("tr", { "data-run": r.name, "data-verdict": r.verdict },
       el("td", { class: "name" }, name),
@@ -372,6 +373,16 @@ function renderRuns() {
       el("td", {}, secs(r.first_submitted_at, r.finished_at)));
   });
   $("#runs tbody").replaceChildren(...rows);
+}
+
+// The task table shows the tasks of run `name` alone (its name exactly: a text filter of
+// "nightly" would show "nightly-2" too), or every run's again with `null`.
+function showRun(name) {
+  state.run = name;
+  const b = $("#run-filter");
+  b.hidden = name === null;
+  b.textContent = name === null ? "" : `run ${name} ×`;
+  redrawTasks();
 }
 
 // ---- charts (canvas, no library) ------------------------------------------------------------
@@ -549,6 +560,7 @@ $("#token").addEventListener("change", (e) => {
 });
 $("#status-filter").addEventListener("change", redrawTasks);
 $("#text-filter").addEventListener("input", redrawTasks);
+$("#run-filter").addEventListener("click", () => showRun(null));
 for (const b of document.querySelectorAll("#detail button")) b.addEventListener("click", () => control(b.dataset.action));
 setInterval(schedule, 5000); // relative times and the charts' time axis move
 follow();
