@@ -824,12 +824,9 @@ pub async fn list_tasks(
     };
     // A limit the listing cannot honour is refused, not cut: a client paging by it would take
     // the cut page for the last one.
-    let limit = match q.limit.unwrap_or(1000) {
-        l @ 0..=LIST_MAX => l,
-        l => {
-            return ApiError::Invalid(format!("limit {l} is out of range; use 0 to {LIST_MAX}"))
-                .into_response();
-        }
+    let limit = match limit_within(q.limit, 1000, LIST_MAX) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
     };
     // Refused, not cut: a client would take the tasks of the ids cut for missing ones.
     let named = q.ids.as_deref().map_or(0, |ids| ids.split(',').count());
@@ -846,13 +843,8 @@ pub async fn list_tasks(
         Ok(ids) => ids,
         Err(e) => return e.into_response(),
     };
-    // No task has a longer name: asked, it is a mistake, not an empty run.
-    if let Some(name) = q.name.as_ref().filter(|n| n.len() > MAX_NAME_BYTES) {
-        return ApiError::Invalid(format!(
-            "name of {} bytes; no task has a name over {MAX_NAME_BYTES}",
-            name.len()
-        ))
-        .into_response();
+    if let Err(e) = name_within(q.name.as_deref()) {
+        return e.into_response();
     }
     let query = TaskQuery {
         status,
@@ -865,6 +857,29 @@ pub async fn list_tasks(
     };
     let tasks = ask(&app, |reply| Api::ListTasks { query, reply });
     heavy_array(&app, async move { Ok(shown.tasks(tasks.await?)) }).await
+}
+
+/// A listing's `limit`: `default` when not given; above `max` refused (422), not cut, for a
+/// client paging by it would take the cut page for the last one.
+fn limit_within(asked: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match asked.unwrap_or(default) {
+        l if l <= max => Ok(l),
+        l => Err(ApiError::Invalid(format!(
+            "limit {l} is out of range; use 0 to {max}"
+        ))),
+    }
+}
+
+/// A listing's `name`: no task has one over [`MAX_NAME_BYTES`], so asking for one is a
+/// mistake (422), not an empty run.
+fn name_within(name: Option<&str>) -> Result<(), ApiError> {
+    match name.filter(|n| n.len() > MAX_NAME_BYTES) {
+        Some(name) => Err(ApiError::Invalid(format!(
+            "name of {} bytes; no task has a name over {MAX_NAME_BYTES}",
+            name.len()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The `ids` of a listing: comma-separated task ids (at most [`LIST_IDS_MAX`], checked first).
@@ -1252,19 +1267,12 @@ pub async fn list_runs(
         Ok(Query(q)) => q,
         Err(e) => return error_response(e.status(), "bad_request", &e.body_text()),
     };
-    let limit = match q.limit.unwrap_or(RUNS_DEFAULT) {
-        l @ 0..=RUNS_MAX => l,
-        l => {
-            return ApiError::Invalid(format!("limit {l} is out of range; use 0 to {RUNS_MAX}"))
-                .into_response();
-        }
+    let limit = match limit_within(q.limit, RUNS_DEFAULT, RUNS_MAX) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
     };
-    if let Some(name) = q.name.as_ref().filter(|n| n.len() > MAX_NAME_BYTES) {
-        return ApiError::Invalid(format!(
-            "name of {} bytes; no task has a name over {MAX_NAME_BYTES}",
-            name.len()
-        ))
-        .into_response();
+    if let Err(e) = name_within(q.name.as_deref()) {
+        return e.into_response();
     }
     let query = crate::core::RunQuery {
         name: q.name,

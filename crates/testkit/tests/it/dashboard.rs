@@ -31,6 +31,18 @@ fn task_status(id: &str) -> String {
     format!("document.querySelector('#tasks tr[data-task=\"{id}\"]')?.dataset.status ?? null")
 }
 
+/// Opens the dashboard of `c` and waits until its event stream is live.
+async fn open_page(browser: &mut Browser, c: &TestCoordinator) {
+    browser.navigate(&format!("http://{}/", c.addr)).await;
+    browser
+        .wait_eval(
+            "the event stream",
+            "document.querySelector('#feed')?.dataset.feed ?? null",
+            json!("live"),
+        )
+        .await;
+}
+
 #[tokio::test]
 async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
     let Some(mut browser) = Browser::start().await else {
@@ -47,14 +59,7 @@ async fn the_dashboard_shows_the_fleet_a_task_and_a_worker_cut_off_and_back() {
     let w2 = connected_worker(&format!("ws://{}", proxy.listen_addr()), "w2").await;
 
     // The page loads and shows the workers.
-    browser.navigate(&format!("http://{}/", c.addr)).await;
-    browser
-        .wait_eval(
-            "the event stream",
-            "document.querySelector('#feed')?.dataset.feed ?? null",
-            json!("live"),
-        )
-        .await;
+    open_page(&mut browser, &c).await;
     browser
         .wait_eval("w1 connected", &worker_state("w1"), json!("connected"))
         .await;
@@ -282,14 +287,7 @@ async fn the_dashboard_shows_a_run_by_its_latest_tries() {
     };
     let (_dir, c) = coordinator().await;
     let w = connected_worker(&c.ws_url(), "w1").await;
-    browser.navigate(&format!("http://{}/", c.addr)).await;
-    browser
-        .wait_eval(
-            "the event stream",
-            "document.querySelector('#feed')?.dataset.feed ?? null",
-            json!("live"),
-        )
-        .await;
+    open_page(&mut browser, &c).await;
     let run = |what: &str| {
         format!("document.querySelector('#runs tr[data-run=\"nightly-7\"]')?.{what} ?? null")
     };
