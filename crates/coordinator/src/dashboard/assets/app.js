@@ -148,7 +148,8 @@ function dispatch(block) {
       if (state.tasks.size > MAX_TASKS) state.tasks.delete(state.tasks.keys().next().value);
       if (v.task_id === state.selected) loadDetail(v.task_id);
       dirty.tasks = true;
-      if (v.spec.name) loadRuns();
+      // A named task changes its run; a retry (of whatever name, or none) its task's run.
+      if (v.spec.name || v.spec.retry_of) loadRuns();
       break;
     case "worker":
       state.workers.set(v.worker_id, v);
