@@ -272,7 +272,7 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
         }
     }
 
-    // Task outcomes: all accounted for, the failing ones failed.
+    // Task outcomes: all accounted for, the failing ones failed (their retries too).
     let t = &r["tasks"];
     let submitted = t["submitted"].as_u64().expect("submitted");
     assert!(submitted >= 12 * 5, "{t}");
@@ -313,6 +313,9 @@ fn a_short_e2e_run_with_every_disruption_passes_on_ground_truth() {
     // Each wave's flaky task failed its first attempt and was run again on that failure
     // (`retry_on`), through the same disruptions.
     assert!(t["flaky"].as_u64() >= Some(5), "{t}");
+    // Tasks failing on purpose were retried as new tasks (`retry_of`) through the disruptions
+    // that followed, each recorded on the task it retries (the verdict's retries_recorded).
+    assert!(t["retries"].as_u64() >= Some(3), "{t}");
     assert!(
         said.contains("kept uncounted because their task runs again on that end"),
         "{said}"

@@ -479,9 +479,8 @@ async fn drive(
     }
     outln!("{} workers registered through the proxy", sys.workers.len())?;
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x7461_736b);
-    let mut submitted: Vec<(String, Expect)> = Vec::new();
-    let mut bodies = BTreeMap::new();
-    submit_wave(sys, 0, &mut rng, &mut submitted, &mut bodies).await?;
+    let mut sent = Submitted::default();
+    submit_wave(sys, 0, &mut rng, &mut sent).await?;
     let t0 = tokio::time::Instant::now();
     let mut observations = Vec::new();
     // The ends of processes the run did not kill: any seen between disruptions, and how each
@@ -510,7 +509,7 @@ async fn drive(
         };
         let wave_first = wave_first || drained_at.is_some();
         if wave_first {
-            submit_wave(sys, d.index + 1, &mut rng, &mut submitted, &mut bodies).await?;
+            submit_wave(sys, d.index + 1, &mut rng, &mut sent).await?;
         }
         let o = sys.apply(d, drained_at).await?;
         outln!(
@@ -539,9 +538,15 @@ async fn drive(
             sys.coordinator.restart().await?;
         }
         if !wave_first {
-            submit_wave(sys, d.index + 1, &mut rng, &mut submitted, &mut bodies).await?;
+            submit_wave(sys, d.index + 1, &mut rng, &mut sent).await?;
         }
     }
+    let Submitted {
+        tasks: submitted,
+        bodies,
+        retries,
+        ..
+    } = sent;
     outln!(
         "disruptions over; waiting for {} tasks to end",
         submitted.len()
@@ -568,6 +573,7 @@ async fn drive(
     let mut outcomes = TaskOutcomes {
         submitted: submitted.len(),
         expected_to_fail: submitted.iter().filter(|(_, e)| *e == Expect::Fail).count(),
+        retries: retries.len(),
         flaky: submitted
             .iter()
             .filter(|(_, e)| *e == Expect::Flaky)
@@ -628,6 +634,7 @@ async fn drive(
         unexpected_exits: procs::unexpected_exits(&exits),
         stored: Some(stored),
         event_logs: Vec::new(),
+        retries,
     };
     Ok((
         truth,
@@ -640,47 +647,135 @@ async fn drive(
     ))
 }
 
+/// What the run submitted: each task with what it must do, what its counted result must say,
+/// the tasks failing on purpose not yet retried (with their specs), and the retries made.
+#[derive(Default)]
+struct Submitted {
+    tasks: Vec<(String, Expect)>,
+    bodies: BTreeMap<String, verdict::Body>,
+    to_retry: Vec<(String, tether_proto::TaskSpec)>,
+    retries: Vec<(String, String)>,
+}
+
+/// Submits wave `wave` ([`tasks::wave`]); before it (after the first), the retries of the
+/// tasks failing on purpose that ended since ([`retry_ended`]).
 async fn submit_wave(
     sys: &System,
     wave: usize,
     rng: &mut SmallRng,
-    submitted: &mut Vec<(String, Expect)>,
-    bodies: &mut BTreeMap<String, verdict::Body>,
+    submitted: &mut Submitted,
 ) -> anyhow::Result<()> {
+    retry_ended(sys, submitted).await?;
     let specs = tasks::wave(wave, rng);
-    let body = json!({ "tasks": specs.iter().map(|(s, _)| s).collect::<Vec<_>>() });
+    let ids = post_tasks(sys, specs.iter().map(|(s, _)| s))
+        .await
+        .context("cannot submit a wave of tasks")?;
+    if ids.len() != specs.len() {
+        bail!("submitted {} tasks, got {} ids", specs.len(), ids.len());
+    }
+    // Each id is owed its own result: one given twice would leave a task unjudged.
+    for (id, (spec, expect)) in ids.iter().zip(&specs) {
+        if submitted
+            .bodies
+            .insert(id.clone(), tasks::expected_body(spec))
+            .is_some()
+        {
+            bail!("the coordinator gave task id {id} to two submitted tasks");
+        }
+        if *expect == Expect::Fail {
+            submitted.to_retry.push((id.clone(), spec.clone()));
+        }
+    }
+    submitted
+        .tasks
+        .extend(ids.into_iter().zip(specs.iter().map(|(_, e)| *e)));
+    Ok(())
+}
+
+/// Retries (`retry_of`) the tasks failing on purpose that have ended since they went in, each
+/// once and as it was (so it fails again), under an id of the run's own (`ID-r`: sent again
+/// after a lost answer, it is answered as the task made, not refused as a second retry). A
+/// coordinator that cannot be asked now leaves them to the next wave.
+async fn retry_ended(sys: &System, submitted: &mut Submitted) -> anyhow::Result<()> {
+    let asked: Vec<&str> = submitted
+        .to_retry
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .take(tether_coordinator::http::LIST_IDS_MAX)
+        .collect();
+    if asked.is_empty() {
+        return Ok(());
+    }
+    let path = format!(
+        "/api/v1/tasks?limit={}&ids={}",
+        asked.len(),
+        asked.join(",")
+    );
+    let Ok(listed) = sys.coordinator.api.get(&path).await else {
+        return Ok(());
+    };
+    let ended: std::collections::BTreeSet<&str> = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["status"] == "failed")
+        .filter_map(|t| t["task_id"].as_str())
+        .collect();
+    let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut submitted.to_retry)
+        .into_iter()
+        .partition(|(id, _)| ended.contains(id.as_str()));
+    submitted.to_retry = later;
+    if now.is_empty() {
+        return Ok(());
+    }
+    let mut specs = Vec::new();
+    for (id, spec) in &now {
+        specs.push(tether_proto::TaskSpec {
+            task_id: Some(tether_proto::TaskId::parse(&format!("{id}-r"))?),
+            retry_of: Some(tether_proto::TaskId::parse(id)?),
+            name: spec.name.as_ref().map(|n| format!("{n}-retry")),
+            ..spec.clone()
+        });
+    }
+    let made = post_tasks(sys, specs.iter())
+        .await
+        .context("cannot submit the retries of the tasks failing on purpose")?;
+    if made.len() != specs.len() {
+        bail!("submitted {} retries, got {} ids", specs.len(), made.len());
+    }
+    for ((of, _), (by, spec)) in now.iter().zip(made.iter().zip(&specs)) {
+        submitted
+            .bodies
+            .insert(by.clone(), tasks::expected_body(spec));
+        submitted.tasks.push((by.clone(), Expect::Fail));
+        submitted.retries.push((of.clone(), by.clone()));
+    }
+    Ok(())
+}
+
+/// Posts `specs` as one submission, sent again (every 250 ms, 20 times at most) while the
+/// coordinator cannot answer (killed, or its link cut, meanwhile); the ids it answered.
+async fn post_tasks<'a>(
+    sys: &System,
+    specs: impl Iterator<Item = &'a tether_proto::TaskSpec>,
+) -> anyhow::Result<Vec<String>> {
+    let body = json!({ "tasks": specs.collect::<Vec<_>>() });
     let mut last = None;
     for _ in 0..20 {
         match sys.coordinator.api.post("/api/v1/tasks", &body).await {
             Ok(v) => {
-                let ids: Vec<String> = v["task_ids"]
+                return Ok(v["task_ids"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .filter_map(|x| x.as_str().map(str::to_owned))
-                    .collect();
-                if ids.len() != specs.len() {
-                    bail!("submitted {} tasks, got {} ids", specs.len(), ids.len());
-                }
-                // Each id is owed its own result: one given twice would leave a task unjudged.
-                for (id, (spec, _)) in ids.iter().zip(&specs) {
-                    if bodies
-                        .insert(id.clone(), tasks::expected_body(spec))
-                        .is_some()
-                    {
-                        bail!("the coordinator gave task id {id} to two submitted tasks");
-                    }
-                }
-                submitted.extend(ids.into_iter().zip(specs.iter().map(|(_, e)| *e)));
-                return Ok(());
+                    .collect());
             }
             Err(e) => last = Some(e),
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Err(last
-        .unwrap_or_else(|| anyhow::anyhow!("no attempt"))
-        .context("cannot submit a wave of tasks"))
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt")))
 }
 
 /// Waits until every submitted task is terminal (or the deadline) and returns the list.
@@ -710,6 +805,7 @@ async fn drain(
                     .flatten()
                     .filter_map(attempt_view)
                     .collect(),
+                retried_by: t["retried_by"].as_str().map(str::to_owned),
             })
             .collect();
         let open = tasks
@@ -737,6 +833,7 @@ fn stored_view(db: &Path, submitted: &[(String, Expect)]) -> anyhow::Result<Stor
     let read = || -> anyhow::Result<StoredView> {
         let mut runs = BTreeMap::new();
         let mut retry_on = BTreeMap::new();
+        let (mut retry_of, mut retried_by) = (BTreeMap::new(), BTreeMap::new());
         let tasks = truth::read(db, &ids, chrono::DateTime::UNIX_EPOCH)?
             .tasks
             .into_iter()
@@ -757,6 +854,12 @@ fn stored_view(db: &Path, submitted: &[(String, Expect)]) -> anyhow::Result<Stor
                 runs.insert(id.clone(), stored);
                 if !t.retry_on.is_empty() {
                     retry_on.insert(id.clone(), t.retry_on);
+                }
+                if let Some(of) = t.retry_of {
+                    retry_of.insert(id.clone(), of);
+                }
+                if let Some(by) = t.retried_by {
+                    retried_by.insert(id.clone(), by);
                 }
                 (id, (t.status, workers))
             })
@@ -784,6 +887,8 @@ fn stored_view(db: &Path, submitted: &[(String, Expect)]) -> anyhow::Result<Stor
             runs,
             recorded_at,
             retry_on,
+            retry_of,
+            retried_by,
         })
     };
     read().with_context(|| format!("cannot read the coordinator's database {}", db.display()))

@@ -87,6 +87,8 @@ pub struct TaskOutcomes {
     pub expected_to_fail: usize,
     /// Fail their first attempt on purpose and run again on a failure (`retry_on`).
     pub flaky: usize,
+    /// Of those failing on purpose, retried as new tasks (`retry_of`), failing again.
+    pub retries: usize,
     pub by_status: BTreeMap<String, usize>,
     /// Tasks that needed more than one attempt.
     pub retried: usize,
@@ -336,9 +338,10 @@ impl Report {
             .collect();
         let _ = writeln!(
             s,
-            "\n## Tasks\n\n{} submitted ({} failing on purpose, {} failing their first attempt on purpose and run again on a failure): {}. Retried: {}. Resumed from a checkpoint: {}. Results kept uncounted (stale, or a failure run again): {}. Coordinator starts: {}.",
+            "\n## Tasks\n\n{} submitted ({} failing on purpose, {} of them retries of others; {} failing their first attempt on purpose and run again on a failure): {}. Retried: {}. Resumed from a checkpoint: {}. Results kept uncounted (stale, or a failure run again): {}. Coordinator starts: {}.",
             t.submitted,
             t.expected_to_fail,
+            t.retries,
             t.flaky,
             statuses.join(", "),
             t.retried,

@@ -60,6 +60,8 @@ pub struct TaskView {
     pub attempt: u32,
     /// Its attempts, oldest first.
     pub attempts: Vec<AttemptView>,
+    /// The task the coordinator recorded as its retry.
+    pub retried_by: Option<String>,
 }
 
 /// One attempt of a task, as the coordinator lists it.
@@ -219,6 +221,10 @@ pub struct StoredView {
     pub recorded_at: BTreeMap<(String, u32), DateTime<Utc>>,
     /// The ends each task's spec runs it again on (`retry_on`), for the tasks that have any.
     pub retry_on: BTreeMap<String, Vec<String>>,
+    /// The retry links as stored, for the tasks that have them: each task's spec's
+    /// `retry_of`, and the `retried_by` recorded on it.
+    pub retry_of: BTreeMap<String, String>,
+    pub retried_by: BTreeMap<String, String>,
 }
 
 /// One attempt of a task as the coordinator's file holds it.
@@ -432,6 +438,9 @@ pub struct GroundTruth {
     pub stored: Option<StoredView>,
     /// Each worker's event log, with where it shows lines lost ([`super::observe::log_gaps`]).
     pub event_logs: Vec<(String, Vec<String>)>,
+    /// The retries the run submitted (`retry_of`), each as the task and its retry: of the
+    /// tasks failing on purpose, once each had ended, through the disruptions that followed.
+    pub retries: Vec<(String, String)>,
 }
 
 /// Whether a counted result says its attempt started from a checkpoint: a sleep's
@@ -556,6 +565,61 @@ fn flaky_tasks_retried(
         );
     }
     c
+}
+
+/// A run with at least this many tasks failing on purpose (one a wave) had the time to retry
+/// one: the first ended long before the third wave went in.
+const RETRY_CHANCES: usize = 3;
+
+/// Each retry the run submitted (`retry_of`) is recorded on the task it retries: in the
+/// coordinator's file (that task's `retried_by`, the retry's spec's `retry_of`) and by its API,
+/// whatever the disruptions did between (a coordinator killed after the retry was made keeps
+/// the link, both sides in one commit). A run of [`RETRY_CHANCES`] or more failing tasks that
+/// retried none proves nothing.
+fn retries_recorded(g: &GroundTruth, listed: &BTreeMap<&str, Vec<&TaskView>>) -> Check {
+    let mut bad = Vec::new();
+    let stored = g.stored.as_ref();
+    for (of, by) in &g.retries {
+        match stored.and_then(|s| s.retried_by.get(of)) {
+            Some(b) if b == by => {}
+            other => bad.push(format!(
+                "{of}: retried by {by}, but its stored retried_by is {}",
+                other.map_or("none", String::as_str)
+            )),
+        }
+        match stored.and_then(|s| s.retry_of.get(by)) {
+            Some(o) if o == of => {}
+            other => bad.push(format!(
+                "{by}: the retry of {of}, but its stored retry_of is {}",
+                other.map_or("none", String::as_str)
+            )),
+        }
+        if let Some([t]) = listed.get(of.as_str()).map(Vec::as_slice)
+            && t.retried_by.as_deref() != Some(by.as_str())
+        {
+            bad.push(format!(
+                "{of}: retried by {by}, but the API says {}",
+                t.retried_by.as_deref().unwrap_or("none")
+            ));
+        }
+    }
+    let originals = g
+        .submitted
+        .iter()
+        .filter(|(_, e)| *e == Expect::Fail)
+        .count()
+        .saturating_sub(g.retries.len());
+    if g.retries.is_empty() && originals >= RETRY_CHANCES {
+        bad.push(format!(
+            "none of the {originals} tasks failing on purpose was retried: the check proves nothing"
+        ));
+    }
+    check(
+        "retries_recorded",
+        g.retries.len(),
+        "retries of tasks failing on purpose",
+        bad,
+    )
 }
 
 pub fn verdict(g: &GroundTruth) -> Verdict {
@@ -986,6 +1050,7 @@ pub fn verdict(g: &GroundTruth) -> Verdict {
     });
 
     checks.push(flaky_tasks_retried(g, &listed, late.as_ref()));
+    checks.push(retries_recorded(g, &listed));
 
     let ran: BTreeSet<Kind> = d.iter().map(|x| x.kind).collect();
     let missing: Vec<String> = g
@@ -1118,6 +1183,7 @@ mod tests {
             status: status.into(),
             attempt: 1,
             attempts: vec![],
+            retried_by: None,
         }
     }
 
@@ -1193,6 +1259,7 @@ mod tests {
             unexpected_exits: vec![],
             stored: None,
             event_logs: vec![("w1".into(), vec![]), ("w2".into(), vec![])],
+            retries: vec![],
         }
     }
 
@@ -1237,6 +1304,16 @@ mod tests {
                 })
                 .collect(),
             retry_on: BTreeMap::new(),
+            retry_of: g
+                .retries
+                .iter()
+                .map(|(of, by)| (by.clone(), of.clone()))
+                .collect(),
+            retried_by: g
+                .tasks
+                .iter()
+                .filter_map(|t| Some((t.id.clone(), t.retried_by.clone()?)))
+                .collect(),
         }
     }
 
@@ -1284,7 +1361,7 @@ mod tests {
     fn a_healthy_run_passes_every_check() {
         let v = judged(&healthy());
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.checks.len(), 20);
+        assert_eq!(v.checks.len(), 21);
     }
 
     /// A task whose first attempt's lease was lost at 5 s: attempt 2 is leased at `second`
@@ -1518,6 +1595,81 @@ mod tests {
         );
     }
 
+    /// `healthy()` with task `b` (failing on purpose) retried by `c`, which failed too: the
+    /// link recorded on both sides and said by the API.
+    fn with_retry() -> GroundTruth {
+        let mut g = healthy();
+        g.submitted.push(("c".into(), Expect::Fail));
+        g.bodies.insert("c".into(), Body::Any);
+        g.tasks[1].retried_by = Some("c".into());
+        g.tasks.push(TaskView {
+            attempts: vec![ran("w1")],
+            ..task("c", "failed")
+        });
+        g.results
+            .insert("c".into(), vec![result(1, false, "failed")]);
+        g.acks.push(ack("w1", "c", 1, 9, "recorded"));
+        g.retries.push(("b".into(), "c".into()));
+        g
+    }
+
+    /// A retry recorded on both sides passes; one whose link the store lost, or the API does
+    /// not say, fails; and a run with failing tasks enough that retried none proves nothing.
+    #[test]
+    fn a_retry_must_be_recorded_in_the_store_and_by_the_api() {
+        let g = with_retry();
+        let v = judged(&g);
+        assert!(v.pass, "{v:?}");
+        assert_eq!(
+            detail(&g, "retries_recorded"),
+            "1 retries of tasks failing on purpose: all hold"
+        );
+        let mut lost = g.clone();
+        let mut stored = stored_as_listed(&lost);
+        stored.retried_by.clear();
+        lost.stored = Some(stored);
+        fails_only_saying(
+            &lost,
+            "retries_recorded",
+            "b: retried by c, but its stored retried_by is none",
+        );
+        let mut lost = g.clone();
+        let mut stored = stored_as_listed(&lost);
+        stored.retry_of.clear();
+        lost.stored = Some(stored);
+        fails_only_saying(
+            &lost,
+            "retries_recorded",
+            "c: the retry of b, but its stored retry_of is none",
+        );
+        let mut unsaid = g.clone();
+        unsaid.stored = Some(stored_as_listed(&unsaid));
+        unsaid.tasks[1].retried_by = None;
+        fails_only_saying(
+            &unsaid,
+            "retries_recorded",
+            "b: retried by c, but the API says none",
+        );
+
+        let mut none = healthy();
+        for id in ["d", "e"] {
+            none.submitted.push((id.into(), Expect::Fail));
+            none.tasks.push(TaskView {
+                attempts: vec![ran("w1")],
+                ..task(id, "failed")
+            });
+            none.results
+                .insert(id.into(), vec![result(1, false, "failed")]);
+        }
+        none.acks.push(ack("w1", "d", 1, 10, "recorded"));
+        none.acks.push(ack("w1", "e", 1, 11, "recorded"));
+        fails_only_saying(
+            &none,
+            "retries_recorded",
+            "none of the 3 tasks failing on purpose was retried",
+        );
+    }
+
     /// A stale result is explained only by a later attempt: one before it, started first,
     /// says nothing of where its lease went (the first run named those).
     #[test]
@@ -1661,6 +1813,7 @@ mod tests {
             unexpected_exits: vec![],
             stored: None,
             event_logs: vec![("w1".into(), vec![]), ("w2".into(), vec![])],
+            retries: vec![],
         };
         assert_eq!(failing(&g), ["tasks_submitted"]);
         assert!(!judged(&g).pass);

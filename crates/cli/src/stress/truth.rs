@@ -26,6 +26,10 @@ pub struct TaskRow {
     pub runs: Vec<AttemptRow>,
     /// The ends its spec runs it again on (`retry_on`: `failed`, `timed_out`).
     pub retry_on: Vec<String>,
+    /// The task its spec says it is the retry of (`retry_of`).
+    pub retry_of: Option<String>,
+    /// The task recorded as its retry (`retried_by`, in its doc).
+    pub retried_by: Option<String>,
 }
 
 /// One attempt of a task as the store has it: its record in the task, and its result's word
@@ -223,6 +227,8 @@ pub fn read(db: &Path, submitted: &HashSet<String>, since: DateTime<Utc>) -> any
                 .flatten()
                 .filter_map(|on| on.as_str().map(str::to_owned))
                 .collect(),
+            retry_of: spec["retry_of"].as_str().map(str::to_owned),
+            retried_by: doc["retried_by"].as_str().map(str::to_owned),
         };
         truth.tasks.insert(id, row);
     }
