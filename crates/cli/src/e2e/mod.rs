@@ -666,7 +666,7 @@ async fn submit_wave(
     submitted: &mut Submitted,
 ) -> anyhow::Result<()> {
     retry_ended(sys, submitted).await?;
-    let specs = tasks::wave(wave, rng);
+    let specs = tasks::wave(wave, rng)?;
     let ids = post_tasks(sys, specs.iter().map(|(s, _)| s))
         .await
         .context("cannot submit a wave of tasks")?;

@@ -7,7 +7,7 @@
 use rand::Rng;
 use rand::rngs::SmallRng;
 use serde_json::json;
-use tether_proto::{RetryOn, TaskSpec};
+use tether_proto::{RetryOn, TaskId, TaskSpec};
 
 use super::verdict::{Body, Expect};
 
@@ -53,8 +53,10 @@ pub fn expected_body(spec: &TaskSpec) -> Body {
     }
 }
 
-/// One wave of tasks, named `e2e-{wave}-{n}-{kind}`.
-pub fn wave(wave: usize, rng: &mut SmallRng) -> Vec<(TaskSpec, Expect)> {
+/// One wave of tasks, named `e2e-{wave}-{n}-{kind}`, each with its name for its id: a wave
+/// sent again after a lost answer (the coordinator killed between its commit and its reply)
+/// is answered with the tasks it made, not made twice.
+pub fn wave(wave: usize, rng: &mut SmallRng) -> anyhow::Result<Vec<(TaskSpec, Expect)>> {
     let mut out = Vec::new();
     let mut add = |kind: &str, config: serde_json::Value, expect: Expect, what: &str| {
         let mut s = TaskSpec::new(kind, config);
@@ -103,7 +105,10 @@ pub fn wave(wave: usize, rng: &mut SmallRng) -> Vec<(TaskSpec, Expect)> {
             "fail",
         );
     }
-    out
+    for (s, _) in &mut out {
+        s.task_id = Some(TaskId::parse(s.name.as_deref().unwrap_or_default())?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -127,7 +132,12 @@ mod tests {
     fn a_wave_mixes_every_kind_of_task_and_valid_specs() {
         let mut rng = SmallRng::seed_from_u64(1);
         for w in 0..2 {
-            let v = wave(w, &mut rng);
+            let v = wave(w, &mut rng).expect("a wave");
+            assert!(
+                v.iter()
+                    .all(|(s, _)| s.task_id.as_ref().map(TaskId::as_str) == s.name.as_deref()),
+                "each named by its id: {v:?}"
+            );
             assert!(v.iter().all(|(s, _)| s.validate().is_ok()));
             assert_eq!(v.iter().filter(|(_, e)| *e == Expect::Fail).count(), 1);
             let flaky: Vec<&TaskSpec> = v
