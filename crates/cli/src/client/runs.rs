@@ -330,23 +330,6 @@ impl Case {
     }
 }
 
-/// What a report keeps of a counted result `r` ([`Case::result`]), in its shape: the error,
-/// the output tails its worker kept and the figures (`output`); the rest (the executor's other
-/// fields, the row's own) let go, so that `--outputs` over a large run holds less a task.
-fn kept_of_result(r: &Value) -> Value {
-    let result = &r["body"]["result"];
-    json!({
-        "body": {
-            "error": {"message": r["body"]["error"]["message"]},
-            "result": {
-                "stdout_tail": result["stdout_tail"],
-                "stderr_tail": result["stderr_tail"],
-                "output": result["output"],
-            },
-        }
-    })
-}
-
 /// What a task runs, in a line: a `command` task's script or program and arguments, another
 /// kind's name and config; cut to [`WHAT_SHOWN`].
 fn what_it_runs(spec: &Value) -> String {
@@ -391,8 +374,7 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
     for (i, r) in unfinished.into_iter().zip(results) {
         let counted = r?
             .as_array()
-            .and_then(|all| all.iter().find(|r| r["stale"] == false))
-            .map(kept_of_result);
+            .and_then(|all| all.iter().find(|r| r["stale"] == false).cloned());
         cases[i].result = counted;
     }
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
