@@ -250,9 +250,34 @@ struct Case {
     took: Option<f64>,
     /// An earlier attempt of its latest try, or an earlier try, ended failed or timed out.
     failed_before: bool,
-    /// The counted result of its latest try, when read (one that failed or timed out, or with
-    /// `--outputs` every one): its error, its output tails, its figures.
-    result: Option<Value>,
+    /// Of the counted result of its latest try, when read (one that failed or timed out, or
+    /// with `--outputs` every one), what the report says.
+    result: Option<Kept>,
+}
+
+/// What a report keeps of a counted result: its error, the output tails its worker kept, its
+/// figures; each `None` when the result has none (the row's other fields let go as it is
+/// read, so that a report over a large run holds little a result).
+#[derive(Debug, Default)]
+struct Kept {
+    error: Option<String>,
+    stdout_tail: Option<String>,
+    stderr_tail: Option<String>,
+    output: Option<Value>,
+}
+
+impl Kept {
+    /// Of a result row as `GET /api/v1/tasks/{id}/result` lists it.
+    fn of(row: &Value) -> Self {
+        let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+        let result = &row["body"]["result"];
+        Kept {
+            error: text(&row["body"]["error"]["message"]),
+            stdout_tail: text(&result["stdout_tail"]),
+            stderr_tail: text(&result["stderr_tail"]),
+            output: Some(result["output"].clone()).filter(|v| !v.is_null()),
+        }
+    }
 }
 
 impl Case {
@@ -294,20 +319,24 @@ impl Case {
             .task
             .error
             .as_deref()
-            .or_else(|| self.result.as_ref()?["body"]["error"]["message"].as_str())
+            .or_else(|| self.result.as_ref()?.error.as_deref())
             .map(str::to_owned)
     }
 
-    /// The tail of the output stream `which` (`stdout_tail`, `stderr_tail`) its worker kept
-    /// of the latest try, when it was read and the executor keeps one (`command`).
-    fn output(&self, which: &str) -> Option<&str> {
-        let r = &self.result.as_ref()?["body"]["result"];
-        r[which].as_str().filter(|s| !s.is_empty())
+    /// The tail of its latest try's stdout its worker kept, when it was read and the executor
+    /// keeps one (`command`).
+    fn stdout(&self) -> Option<&str> {
+        self.result.as_ref()?.stdout_tail.as_deref()
+    }
+
+    /// The same of its stderr.
+    fn stderr(&self) -> Option<&str> {
+        self.result.as_ref()?.stderr_tail.as_deref()
     }
 
     /// The figures its latest try left (`output`), when its result was read and has them.
     fn figures(&self) -> Option<&Value> {
-        Some(&self.result.as_ref()?["body"]["result"]["output"]).filter(|v| !v.is_null())
+        self.result.as_ref()?.output.as_ref()
     }
 
     /// Its line of `--json`; `output` with `outputs` (`null` for none).
@@ -366,16 +395,18 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
         .iter()
         .map(|&i| format!("/api/v1/tasks/{}/result", cases[i].try_.task.task_id))
         .collect();
-    let results: Vec<anyhow::Result<Value>> = futures_util::stream::iter(&paths)
+    // Each answer is cut to what the report keeps as it comes, not all held whole first.
+    let mut results = futures_util::stream::iter(&paths)
         .map(|p| api.get(p))
-        .buffered(RESULTS_AT_ONCE)
-        .collect()
-        .await;
-    for (i, r) in unfinished.into_iter().zip(results) {
-        let counted = r?
+        .buffered(RESULTS_AT_ONCE);
+    for i in unfinished {
+        let Some(r) = results.next().await else {
+            break;
+        };
+        cases[i].result = r?
             .as_array()
-            .and_then(|all| all.iter().find(|r| r["stale"] == false).cloned());
-        cases[i].result = counted;
+            .and_then(|all| all.iter().find(|r| r["stale"] == false))
+            .map(Kept::of);
     }
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for c in &cases {
@@ -554,7 +585,7 @@ fn test_case(
             })?;
             let status = c.status();
             let error = xml_text(&c.error().unwrap_or_else(|| status.to_owned()));
-            let stderr = c.output("stderr_tail").map(xml_text);
+            let stderr = c.stderr().map(xml_text);
             match status {
                 "completed" => {}
                 "failed" | "timed_out" => {
@@ -578,7 +609,7 @@ fn test_case(
                         .write_empty()?;
                 }
             }
-            if let Some(out) = c.output("stdout_tail") {
+            if let Some(out) = c.stdout() {
                 w.create_element("system-out")
                     .write_text_content(BytesText::new(&xml_text(out)))?;
             }
@@ -713,7 +744,7 @@ mod tests {
             tries,
             failed_before: tries > 1,
         });
-        c.result = result;
+        c.result = result.as_ref().map(Kept::of);
         c
     }
 
