@@ -416,25 +416,40 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
     let flaky = cases.iter().filter(|c| c.flaky()).count();
     let to_stdout = a.junit.as_deref() == Some(std::path::Path::new("-"));
     if let Some(path) = &a.junit {
-        let xml = junit(&a.name, &cases).context("writing the JUnit XML")?;
-        if to_stdout {
-            crate::output::part(&String::from_utf8_lossy(&xml))?;
-        } else {
-            std::fs::write(path, &xml)
-                .with_context(|| format!("cannot write the JUnit XML to {}", path.display()))?;
+        // Written as it is made, not held whole first.
+        let written = match to_stdout {
+            true => junit(
+                std::io::BufWriter::new(std::io::stdout().lock()),
+                &a.name,
+                &cases,
+            )
+            .and_then(|mut w| std::io::Write::flush(&mut w)),
+            false => std::fs::File::create(path)
+                .and_then(|f| junit(std::io::BufWriter::new(f), &a.name, &cases))
+                .and_then(|mut w| std::io::Write::flush(&mut w)),
+        };
+        match written {
+            Ok(()) => {}
+            Err(e) if to_stdout && e.kind() == std::io::ErrorKind::BrokenPipe => {
+                return Err(crate::output::Closed.into());
+            }
+            Err(e) if to_stdout => {
+                return Err(anyhow::Error::new(e).context("cannot write to standard output"));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("cannot write the JUnit XML to {}", path.display())));
+            }
         }
     }
     if a.common.json {
-        outln!(
-            "{}",
-            json!({
-                "name": a.name,
-                "tasks": cases.iter().map(|c| c.json(a.outputs)).collect::<Vec<_>>(),
-                "counts": counts,
-                "flaky": flaky,
-                "passed": completed == cases.len(),
-            })
-        )?;
+        let head = json!({
+            "name": a.name,
+            "counts": counts,
+            "flaky": flaky,
+            "passed": completed == cases.len(),
+        });
+        write_json(&head, &cases, a.outputs, crate::output::part)?;
     } else if !to_stdout {
         let rows: Vec<Vec<String>> = cases
             .iter()
@@ -489,11 +504,39 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the report's `--json` document to `out` (a line): `head`'s fields and the cases as
+/// `tasks`, a part at a time as they are made, so that a large run's document is never held
+/// whole. The keys in the order serde_json writes a map's (sorted: `tasks` comes last).
+fn write_json(
+    head: &Value,
+    cases: &[Case],
+    outputs: bool,
+    mut out: impl FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    const PART: usize = 64 * 1024;
+    let head = head.to_string();
+    let mut buf = String::with_capacity(PART + 1024);
+    buf.push_str(head.strip_suffix('}').unwrap_or(&head));
+    buf.push_str(",\"tasks\":[");
+    for (i, c) in cases.iter().enumerate() {
+        if i > 0 {
+            buf.push(',');
+        }
+        buf.push_str(&c.json(outputs).to_string());
+        if buf.len() >= PART {
+            out(&buf)?;
+            buf.clear();
+        }
+    }
+    buf.push_str("]}\n");
+    out(&buf)
+}
+
 /// The run as a JUnit XML document: one test suite, a test case a task (its latest try),
 /// named by what it runs (the task's id added where two run the same). A task that failed or
 /// timed out is a `failure`, one cancelled `skipped`, one not ended an `error`; the error and
-/// the output its worker kept go with it.
-fn junit(name: &str, cases: &[Case]) -> std::io::Result<Vec<u8>> {
+/// the output its worker kept go with it. Written to `out`, which is given back.
+fn junit<W: std::io::Write>(out: W, name: &str, cases: &[Case]) -> std::io::Result<W> {
     use quick_xml::events::{BytesDecl, Event};
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for c in cases {
@@ -510,7 +553,7 @@ fn junit(name: &str, cases: &[Case]) -> std::io::Result<Vec<u8>> {
     });
     let time = format!("{:.3}", cases.iter().filter_map(|c| c.took).sum::<f64>());
     let tests = cases.len().to_string();
-    let mut w = quick_xml::Writer::new_with_indent(Vec::new(), b' ', 2);
+    let mut w = quick_xml::Writer::new_with_indent(out, b' ', 2);
     w.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
     let suite = [
         ("name", xml_text(name)),
@@ -534,14 +577,14 @@ fn junit(name: &str, cases: &[Case]) -> std::io::Result<Vec<u8>> {
                 })?;
             Ok(())
         })?;
-    let mut xml = w.into_inner();
-    xml.push(b'\n');
-    Ok(xml)
+    let mut out = w.into_inner();
+    out.write_all(b"\n")?;
+    Ok(out)
 }
 
 /// One task's `testcase` element ([`junit`]).
-fn test_case(
-    w: &mut quick_xml::Writer<Vec<u8>>,
+fn test_case<W: std::io::Write>(
+    w: &mut quick_xml::Writer<W>,
     run: &str,
     c: &Case,
     same_what: bool,
@@ -850,7 +893,7 @@ mod tests {
             case("running", "same", 1, &[], None),
             case("queued", "same", 1, &[], None),
         ];
-        let xml = junit("nightly \"42\"", &cases).expect("written");
+        let xml = junit(Vec::new(), "nightly \"42\"", &cases).expect("written");
         let doc = read_back(&xml);
         let suite = doc.iter().find(|e| e.name == "testsuite").expect("a suite");
         for (key, want) in [
@@ -918,6 +961,44 @@ mod tests {
             .map(|e| e.attr("message"))
             .collect();
         assert_eq!(not_ended, ["not ended: running", "not ended: queued"]);
+    }
+
+    /// The `--json` document written a part at a time is the one serde_json writes whole, in
+    /// parts of at most about 64 KiB, however many tasks.
+    #[test]
+    fn the_json_report_written_in_parts_is_the_whole_document() {
+        let cases: Vec<Case> = (0..2_000)
+            .map(|i| {
+                case(
+                    "completed",
+                    &format!("make test-{i}"),
+                    1,
+                    &["completed"],
+                    None,
+                )
+            })
+            .collect();
+        let head = json!({"name": "r", "counts": {"completed": 2_000}, "flaky": 0, "passed": true});
+        let mut parts = Vec::new();
+        write_json(&head, &cases, false, |p| {
+            parts.push(p.to_owned());
+            Ok(())
+        })
+        .expect("written");
+        assert!(parts.len() > 1, "in parts");
+        assert!(parts.iter().all(|p| p.len() < 70 * 1024));
+        let mut whole = head.clone();
+        whole["tasks"] = cases.iter().map(|c| c.json(false)).collect();
+        assert_eq!(parts.concat(), format!("{whole}\n"));
+        // No task: an empty list.
+        let mut parts = String::new();
+        write_json(&head, &[], false, |p| {
+            parts.push_str(p);
+            Ok(())
+        })
+        .expect("written");
+        let v: Value = serde_json::from_str(&parts).expect("JSON");
+        assert_eq!(v["tasks"], json!([]));
     }
 
     /// What makes a completed task flaky: an earlier try or attempt that failed or timed out;
