@@ -93,6 +93,19 @@ impl TaskStatus {
         TaskStatus::TimedOut,
     ];
 
+    /// Failed or timed out: an end a task may be run again on (`retry_on`), and one that makes
+    /// a later completion of it flaky.
+    pub fn is_failure(self) -> bool {
+        matches!(self, TaskStatus::Failed | TaskStatus::TimedOut)
+    }
+
+    /// Whether `end` (a status, or an attempt's end such as `lost`) is a failure
+    /// ([`Self::is_failure`]).
+    pub fn is_failure_end(end: Option<&str>) -> bool {
+        end.and_then(TaskStatus::parse)
+            .is_some_and(TaskStatus::is_failure)
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -506,6 +519,26 @@ mod tests {
             spec.max_attempts = Some(n);
             assert_eq!(spec.validate().expect_err("refused"), says);
         }
+    }
+
+    /// A failure is an end `failed` or `timed_out`, a status or an attempt's; a cancel, a
+    /// completion, and an attempt's own ends (`lost`, `stopped`) are not.
+    #[test]
+    fn a_failure_is_failed_or_timed_out() {
+        for end in ["failed", "timed_out"] {
+            assert!(TaskStatus::is_failure_end(Some(end)), "{end}");
+        }
+        for end in [
+            "completed",
+            "cancelled",
+            "running",
+            "lost",
+            "stopped",
+            "worker_fault",
+        ] {
+            assert!(!TaskStatus::is_failure_end(Some(end)), "{end}");
+        }
+        assert!(!TaskStatus::is_failure_end(None));
     }
 
     /// `retry_on` reads the two ends a worker reports that may run a task again, each once, and

@@ -528,9 +528,10 @@ pub async fn retry(a: RetryArgs) -> anyhow::Result<()> {
     let api = Api::new(&a.common)?;
     let given: Vec<String> = match &a.of {
         Some(run) => {
+            use tether_proto::TaskStatus;
             let unfinished = |status: &str| {
-                tether_proto::TaskStatus::parse(status).is_some_and(|s| s.is_terminal())
-                    && status != "completed"
+                TaskStatus::parse(status)
+                    .is_some_and(|s| s.is_terminal() && s != TaskStatus::Completed)
             };
             let run_tries = latest_tries_named(&api, run).await?;
             let ids: Vec<String> = run_tries

@@ -7,6 +7,7 @@ use super::table::*;
 use super::*;
 use futures_util::StreamExt as _;
 use std::collections::{BTreeMap, HashMap};
+use tether_proto::TaskStatus;
 
 /// The tasks of these ids the coordinator has, by id: read as listings of the ids, as many a
 /// request as the API takes, not one request each.
@@ -92,15 +93,13 @@ fn slim(t: Value) -> anyhow::Result<(Slim, String)> {
     Ok((kept, what))
 }
 
-/// Whether `end` (a task's status, an attempt's end) is a failure: `failed` or `timed_out`.
-fn is_failure(end: Option<&str>) -> bool {
-    matches!(end, Some("failed" | "timed_out"))
-}
-
 /// Whether task `t` ended failed or timed out, or had an attempt that did (one its spec's
 /// `retry_on` ran again).
 fn failed(t: &Slim) -> bool {
-    is_failure(Some(&t.status)) || t.attempts.iter().any(|a| is_failure(a.end.as_deref()))
+    TaskStatus::is_failure_end(Some(&t.status))
+        || t.attempts
+            .iter()
+            .any(|a| TaskStatus::is_failure_end(a.end.as_deref()))
 }
 
 /// A run's latest tries ([`latest_tries_named`]).
@@ -300,7 +299,7 @@ impl Case {
         let failed_before = try_.failed_before
             || attempts[..earlier]
                 .iter()
-                .any(|a| is_failure(a.end.as_deref()));
+                .any(|a| TaskStatus::is_failure_end(a.end.as_deref()));
         let took = attempts.last().and_then(|a| {
             let (start, end) = (a.started_at?, a.ended_at?);
             Some((end - start).num_milliseconds().max(0) as f64 / 1000.0)
@@ -387,7 +386,7 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
     // one that ended, for its figures); a few requests at once.
     let unfinished: Vec<usize> = (0..cases.len())
         .filter(|&i| match cases[i].status() {
-            s if is_failure(Some(s)) => true,
+            s if TaskStatus::is_failure_end(Some(s)) => true,
             s => a.outputs && matches!(s, "completed" | "cancelled"),
         })
         .collect();
@@ -543,14 +542,9 @@ fn junit<W: std::io::Write>(out: W, name: &str, cases: &[Case]) -> std::io::Resu
         *seen.entry(&c.try_.what).or_default() += 1;
     }
     let count = |f: &dyn Fn(&Case) -> bool| cases.iter().filter(|c| f(c)).count().to_string();
-    let failures = count(&|c| is_failure(Some(c.status())));
+    let failures = count(&|c| TaskStatus::is_failure_end(Some(c.status())));
     let skipped = count(&|c| c.status() == "cancelled");
-    let errors = count(&|c| {
-        !matches!(
-            c.status(),
-            "completed" | "failed" | "timed_out" | "cancelled"
-        )
-    });
+    let errors = count(&|c| !TaskStatus::parse(c.status()).is_some_and(TaskStatus::is_terminal));
     let time = format!("{:.3}", cases.iter().filter_map(|c| c.took).sum::<f64>());
     let tests = cases.len().to_string();
     let mut w = quick_xml::Writer::new_with_indent(out, b' ', 2);

@@ -281,7 +281,7 @@ impl LateResults {
                 // which only its `retry_on` may do, and the next attempt leased after that end
                 // (the coordinator queues the task again as it records the result, so the
                 // next lease may be a moment older than the result's row).
-                let retryable = matches!(r.outcome.as_str(), "failed" | "timed_out");
+                let retryable = tether_proto::TaskStatus::is_failure_end(Some(&r.outcome));
                 if r.stale
                     && let Some(own) =
                         own.filter(|a| retryable && a.end.as_deref() == Some(r.outcome.as_str()))

@@ -125,7 +125,7 @@ impl Core {
     /// retry removed by retention ends the chain at the task it retried), and whether an
     /// earlier try, or an earlier attempt of the last, failed or timed out.
     fn latest_try<'a>(&'a self, task: &'a Task) -> (&'a Task, bool) {
-        let failure = |end: Option<&str>| matches!(end, Some("failed" | "timed_out"));
+        let failure = TaskStatus::is_failure_end;
         let mut t = task;
         let mut failed_before = false;
         // A retry is made only of an ended task, under a new id, so a chain cannot loop;
@@ -133,7 +133,7 @@ impl Core {
         for _ in 0..self.tasks.len() {
             match t.retried_by.as_ref().and_then(|id| self.tasks.get(id)) {
                 Some(next) => {
-                    failed_before |= failure(Some(t.status.as_str()))
+                    failed_before |= t.status.is_failure()
                         || t.attempts.iter().any(|a| failure(a.end.as_deref()));
                     t = next;
                 }
