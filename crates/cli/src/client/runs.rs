@@ -41,15 +41,13 @@ pub(crate) struct Try {
 }
 
 /// A task as a run's reading keeps it ([`slim`]): the fields the readers of a run look at,
-/// typed, the rest let go.
+/// typed, the rest let go (a field absent is `None`, or empty).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 pub(crate) struct Slim {
     pub task_id: String,
     #[serde(default)]
     pub status: String,
-    #[serde(default)]
     pub error: Option<String>,
-    #[serde(default)]
     pub retried_by: Option<String>,
     #[serde(default)]
     pub spec: SlimSpec,
@@ -60,20 +58,15 @@ pub(crate) struct Slim {
 /// Of a task's spec, its run and what it retries.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 pub(crate) struct SlimSpec {
-    #[serde(default)]
     pub name: Option<String>,
-    #[serde(default)]
     pub retry_of: Option<String>,
 }
 
 /// Of an attempt, how and when it ended.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 pub(crate) struct SlimAttempt {
-    #[serde(default)]
     pub end: Option<String>,
-    #[serde(default)]
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
-    #[serde(default)]
     pub ended_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -245,10 +238,6 @@ const WHAT_SHOWN: usize = 200;
 /// One of a run's tasks in a report: its latest try and what the report says of it.
 struct Case {
     try_: Try,
-    /// Its latest try's last attempt, from its start to its end, in seconds.
-    took: Option<f64>,
-    /// An earlier attempt of its latest try, or an earlier try, ended failed or timed out.
-    failed_before: bool,
     /// Of the counted result of its latest try, when read (one that failed or timed out, or
     /// with `--outputs` every one), what the report says.
     result: Option<Kept>,
@@ -284,8 +273,22 @@ impl Case {
         &self.try_.task.status
     }
 
+    /// Completed after a failure: of an earlier try, or of an earlier attempt of its latest.
     fn flaky(&self) -> bool {
-        self.status() == "completed" && self.failed_before
+        let attempts = &self.try_.task.attempts;
+        let earlier = &attempts[..attempts.len().saturating_sub(1)];
+        self.status() == "completed"
+            && (self.try_.failed_before
+                || earlier
+                    .iter()
+                    .any(|a| TaskStatus::is_failure_end(a.end.as_deref())))
+    }
+
+    /// Its latest try's last attempt, from its start to its end, in seconds.
+    fn took(&self) -> Option<f64> {
+        let a = self.try_.task.attempts.last()?;
+        let (start, end) = (a.started_at?, a.ended_at?);
+        Some((end - start).num_milliseconds().max(0) as f64 / 1000.0)
     }
 
     /// How many attempts its latest try had.
@@ -294,22 +297,7 @@ impl Case {
     }
 
     fn of(try_: Try) -> Self {
-        let attempts = &try_.task.attempts;
-        let earlier = attempts.len().saturating_sub(1);
-        let failed_before = try_.failed_before
-            || attempts[..earlier]
-                .iter()
-                .any(|a| TaskStatus::is_failure_end(a.end.as_deref()));
-        let took = attempts.last().and_then(|a| {
-            let (start, end) = (a.started_at?, a.ended_at?);
-            Some((end - start).num_milliseconds().max(0) as f64 / 1000.0)
-        });
-        Case {
-            took,
-            failed_before,
-            result: None,
-            try_,
-        }
+        Case { try_, result: None }
     }
 
     /// The error the latest try ended with, if any: the coordinator's, or its result's.
@@ -346,7 +334,7 @@ impl Case {
             "status": t.status,
             "tries": self.try_.tries,
             "attempts": self.attempts(),
-            "took_s": self.took,
+            "took_s": self.took(),
             "what": self.try_.what,
             "error": self.error(),
             "flaky": self.flaky(),
@@ -461,7 +449,7 @@ pub async fn report(a: ReportArgs) -> anyhow::Result<()> {
                     },
                     c.try_.tries.to_string(),
                     c.attempts().to_string(),
-                    c.took.map_or_else(String::new, |s| format!("{s:.1} s")),
+                    c.took().map_or_else(String::new, |s| format!("{s:.1} s")),
                     c.try_.what.clone(),
                 ]
             })
@@ -545,7 +533,7 @@ fn junit<W: std::io::Write>(out: W, name: &str, cases: &[Case]) -> std::io::Resu
     let failures = count(&|c| TaskStatus::is_failure_end(Some(c.status())));
     let skipped = count(&|c| c.status() == "cancelled");
     let errors = count(&|c| !TaskStatus::parse(c.status()).is_some_and(TaskStatus::is_terminal));
-    let time = format!("{:.3}", cases.iter().filter_map(|c| c.took).sum::<f64>());
+    let time = format!("{:.3}", cases.iter().filter_map(Case::took).sum::<f64>());
     let tests = cases.len().to_string();
     let mut w = quick_xml::Writer::new_with_indent(out, b' ', 2);
     w.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
@@ -589,7 +577,7 @@ fn test_case<W: std::io::Write>(
         true => format!("{} [{id}]", c.try_.what),
         false => c.try_.what.clone(),
     };
-    let time = format!("{:.3}", c.took.unwrap_or(0.0));
+    let time = format!("{:.3}", c.took().unwrap_or(0.0));
     let (name, run) = (xml_text(&name), xml_text(run));
     let attrs = [
         ("name", name.as_str()),
