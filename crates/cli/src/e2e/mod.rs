@@ -657,6 +657,27 @@ struct Submitted {
     retries: Vec<(String, String)>,
 }
 
+impl Submitted {
+    /// Task `id`, made of `spec`, that must do what `expect` says. Each id is owed its own
+    /// result: one given twice would leave a task unjudged.
+    fn add(
+        &mut self,
+        id: &str,
+        spec: &tether_proto::TaskSpec,
+        expect: Expect,
+    ) -> anyhow::Result<()> {
+        if self
+            .bodies
+            .insert(id.to_owned(), tasks::expected_body(spec))
+            .is_some()
+        {
+            bail!("the coordinator gave task id {id} to two submitted tasks");
+        }
+        self.tasks.push((id.to_owned(), expect));
+        Ok(())
+    }
+}
+
 /// Submits wave `wave` ([`tasks::wave`]); before it (after the first), the retries of the
 /// tasks failing on purpose that ended since ([`retry_ended`]).
 async fn submit_wave(
@@ -667,28 +688,16 @@ async fn submit_wave(
 ) -> anyhow::Result<()> {
     retry_ended(sys, submitted).await?;
     let specs = tasks::wave(wave, rng)?;
-    let ids = post_tasks(sys, specs.iter().map(|(s, _)| s))
+    let all: Vec<&tether_proto::TaskSpec> = specs.iter().map(|(s, _)| s).collect();
+    let ids = post_tasks(sys, &all)
         .await
         .context("cannot submit a wave of tasks")?;
-    if ids.len() != specs.len() {
-        bail!("submitted {} tasks, got {} ids", specs.len(), ids.len());
-    }
-    // Each id is owed its own result: one given twice would leave a task unjudged.
     for (id, (spec, expect)) in ids.iter().zip(&specs) {
-        if submitted
-            .bodies
-            .insert(id.clone(), tasks::expected_body(spec))
-            .is_some()
-        {
-            bail!("the coordinator gave task id {id} to two submitted tasks");
-        }
+        submitted.add(id, spec, *expect)?;
         if *expect == Expect::Fail {
             submitted.to_retry.push((id.clone(), spec.clone()));
         }
     }
-    submitted
-        .tasks
-        .extend(ids.into_iter().zip(specs.iter().map(|(_, e)| *e)));
     Ok(())
 }
 
@@ -737,39 +746,38 @@ async fn retry_ended(sys: &System, submitted: &mut Submitted) -> anyhow::Result<
             ..spec.clone()
         });
     }
-    let made = post_tasks(sys, specs.iter())
+    let made = post_tasks(sys, &specs.iter().collect::<Vec<_>>())
         .await
         .context("cannot submit the retries of the tasks failing on purpose")?;
-    if made.len() != specs.len() {
-        bail!("submitted {} retries, got {} ids", specs.len(), made.len());
-    }
     for ((of, _), (by, spec)) in now.iter().zip(made.iter().zip(&specs)) {
-        submitted
-            .bodies
-            .insert(by.clone(), tasks::expected_body(spec));
-        submitted.tasks.push((by.clone(), Expect::Fail));
+        submitted.add(by, spec, Expect::Fail)?;
         submitted.retries.push((of.clone(), by.clone()));
     }
     Ok(())
 }
 
 /// Posts `specs` as one submission, sent again (every 250 ms, 20 times at most) while the
-/// coordinator cannot answer (killed, or its link cut, meanwhile); the ids it answered.
-async fn post_tasks<'a>(
+/// coordinator cannot answer (killed, or its link cut, meanwhile); the ids it answered, one a
+/// spec in their order (else an error).
+async fn post_tasks(
     sys: &System,
-    specs: impl Iterator<Item = &'a tether_proto::TaskSpec>,
+    specs: &[&tether_proto::TaskSpec],
 ) -> anyhow::Result<Vec<String>> {
-    let body = json!({ "tasks": specs.collect::<Vec<_>>() });
+    let body = json!({ "tasks": specs });
     let mut last = None;
     for _ in 0..20 {
         match sys.coordinator.api.post("/api/v1/tasks", &body).await {
             Ok(v) => {
-                return Ok(v["task_ids"]
+                let ids: Vec<String> = v["task_ids"]
                     .as_array()
                     .into_iter()
                     .flatten()
                     .filter_map(|x| x.as_str().map(str::to_owned))
-                    .collect());
+                    .collect();
+                if ids.len() != specs.len() {
+                    bail!("submitted {} tasks, got {} ids", specs.len(), ids.len());
+                }
+                return Ok(ids);
             }
             Err(e) => last = Some(e),
         }
