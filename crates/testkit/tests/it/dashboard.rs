@@ -302,6 +302,17 @@ async fn the_dashboard_shows_a_run_by_its_latest_tries() {
         max_attempts: Some(2),
         ..passes.clone()
     };
+    // Every request for the runs from here on, when it starts and how many are in flight.
+    browser
+        .eval(
+            "(() => { window.runsAsked = []; window.runsInFlight = 0; window.runsMostInFlight = 0; \
+             const f = window.fetch; window.fetch = async (u, o) => { \
+               if (!String(u).startsWith('/api/v1/runs')) return f(u, o); \
+               window.runsAsked.push(performance.now()); \
+               window.runsMostInFlight = Math.max(window.runsMostInFlight, ++window.runsInFlight); \
+               try { return await f(u, o); } finally { window.runsInFlight--; } }; })()",
+        )
+        .await;
     let ids = client.submit(&[passes.clone(), fails]).await;
     client.wait_status(&ids[1], "failed").await;
     browser
@@ -389,6 +400,24 @@ async fn the_dashboard_shows_a_run_by_its_latest_tries() {
             json!("runs again when an attempt failed, up to 2 attempts"),
         )
         .await;
+    // However many of the run's tasks changed, the runs were asked one request at a time and
+    // at most once a second (each change asked for them).
+    let asked = browser
+        .eval("window.runsAsked.map((t, i, a) => i ? t - a[i - 1] : 0)")
+        .await;
+    let gaps: Vec<f64> = asked
+        .as_array()
+        .expect("the requests")
+        .iter()
+        .skip(1)
+        .filter_map(serde_json::Value::as_f64)
+        .collect();
+    assert!(
+        gaps.len() >= 2,
+        "the runs were asked again as tasks changed: {asked}"
+    );
+    assert!(gaps.iter().all(|g| *g >= 990.0), "a second apart: {gaps:?}");
+    assert_eq!(browser.eval("window.runsMostInFlight").await, json!(1));
     // The run's filter taken off: every task again.
     browser
         .eval("document.querySelector('#run-filter').click()")

@@ -54,6 +54,30 @@ async function api(method, path, json) {
   return body;
 }
 
+// `load` run one call at a time, and at most once every `gapMs`: calls made while one runs or
+// waits its turn ask for one more after it (a burst of changes is one request, not one each).
+function coalesced(load, gapMs = 0) {
+  const s = { busy: false, again: false, last: -Infinity };
+  const go = async () => {
+    if (s.busy) {
+      s.again = true;
+      return;
+    }
+    s.busy = true;
+    const wait = s.last + gapMs - performance.now();
+    if (wait > 0) await new Promise((done) => setTimeout(done, wait));
+    s.again = false;
+    s.last = performance.now();
+    try {
+      await load();
+    } finally {
+      s.busy = false;
+      if (s.again) go();
+    }
+  };
+  return go;
+}
+
 // ---- the event stream -----------------------------------------------------------------------
 // fetch() rather than EventSource, so the admin token can go in a header.
 
@@ -146,7 +170,7 @@ function dispatch(block) {
     case "task":
       state.tasks.set(v.task_id, v);
       if (state.tasks.size > MAX_TASKS) state.tasks.delete(state.tasks.keys().next().value);
-      if (v.task_id === state.selected) loadDetail(v.task_id);
+      if (v.task_id === state.selected) loadDetail();
       dirty.tasks = true;
       // A named task changes its run; a retry (of whatever name, or none) its task's run.
       if (v.spec.name || v.spec.retry_of) loadRuns();
@@ -323,37 +347,20 @@ function renderTasks() {
 // ---- runs -----------------------------------------------------------------------------------
 // The coordinator judges a run (its latest tries follow retries it recorded, under any name),
 // so the page asks it rather than judging from the tasks it holds: at most one request in
-// flight and one a second, however many of a run's tasks change.
+// flight and one a second (`coalesced`), however many of a run's tasks change.
 
-const runs = { loading: false, again: false, last: 0 };
 const RUNS_SHOWN = 10;
 
-async function loadRuns() {
-  if (runs.loading) {
-    runs.again = true;
-    return;
-  }
-  const wait = runs.last + 1000 - performance.now();
-  if (wait > 0) {
-    runs.loading = true;
-    setTimeout(() => { runs.loading = false; loadRuns(); }, wait);
-    return;
-  }
-  runs.loading = true;
-  runs.again = false;
-  runs.last = performance.now();
+const loadRuns = coalesced(async () => {
   try {
     state.runs = await api("GET", `/api/v1/runs?limit=${RUNS_SHOWN}`);
     $("#runs-message").textContent = state.runs.length ? "" : "no run yet: tasks submitted under one name (--name) make one";
   } catch (e) {
     $("#runs-message").textContent = `could not load the runs: ${e.message}`;
-  } finally {
-    runs.loading = false;
-    dirty.runs = true;
-    schedule();
-    if (runs.again) loadRuns();
   }
-}
+  dirty.runs = true;
+  schedule();
+}, 1000);
 
 function renderRuns() {
   const rows = state.runs.map((r) => {
@@ -442,30 +449,16 @@ function select(id) {
   $("#detail").hidden = false;
   $("#detail-id").textContent = id;
   $("#control-message").textContent = "";
-  loadDetail(id);
+  loadDetail();
   redrawTasks();
 }
 
-// One load of the detail panel at a time: changes of the selected task while one is in flight
-// ask for one more after it (a burst of changes is one reload, not four requests each), and a
-// load whose answer comes after a newer one's is dropped.
-const detail = { loading: false, again: false, seq: 0 };
-
-async function loadDetail(id) {
-  if (detail.loading) {
-    detail.again = true;
-    return;
-  }
-  detail.loading = true;
-  detail.again = false;
-  const seq = ++detail.seq;
-  try {
-    await loadDetailNow(id, seq);
-  } finally {
-    detail.loading = false;
-    if (detail.again && state.selected) loadDetail(state.selected);
-  }
-}
+// The selected task's detail panel, one load at a time (`coalesced`); a load whose answer
+// comes after a newer one's, or after another task was selected, is dropped.
+const detail = { seq: 0 };
+const loadDetail = coalesced(async () => {
+  if (state.selected) await loadDetailNow(state.selected, ++detail.seq);
+});
 
 async function loadDetailNow(id, seq) {
   try {
@@ -535,7 +528,7 @@ async function control(action) {
     try {
       const made = await retry(id);
       select(made);
-      $("#control-message").textContent = `retry: submitted as ${made}`;
+      msg.textContent = `retry: submitted as ${made}`;
     } catch (e) {
       msg.textContent = `retry: ${e.message}`;
     }
@@ -544,7 +537,7 @@ async function control(action) {
   try {
     await api("POST", `/api/v1/tasks/${encodeURIComponent(id)}/${action}`);
     msg.textContent = `${action}: sent`;
-    loadDetail(id);
+    loadDetail();
   } catch (e) {
     msg.textContent = `${action}: ${e.message}`;
   }
