@@ -96,6 +96,30 @@ async fn one_failed_one_passed(client: &Client, ok: &std::path::Path, name: &str
     run
 }
 
+/// The coordinator judges run `name` by the same rule as `tether report` (`GET /api/v1/runs`,
+/// written apart from the client's reading of the run): its verdict, flaky count, latest
+/// tries by status and how many are retries agree with `report` (`--json`'s document).
+async fn agrees_with_the_coordinator(client: &Client, name: &str, report: &serde_json::Value) {
+    let (_, runs) = client.get(&format!("/api/v1/runs?name={name}")).await;
+    let run = &runs[0];
+    let said = format!("{runs}\n{report}");
+    let passed = if report["passed"] == true {
+        "passed"
+    } else {
+        "failed"
+    };
+    assert_eq!(run["verdict"], passed, "{said}");
+    assert_eq!(run["flaky"], report["flaky"], "{said}");
+    assert_eq!(run["by_status"], report["counts"], "{said}");
+    let tasks = report["tasks"].as_array().expect("tasks");
+    assert_eq!(run["tasks"].as_u64(), Some(tasks.len() as u64), "{said}");
+    let retried = tasks
+        .iter()
+        .filter(|t| t["tries"].as_u64() > Some(1))
+        .count();
+    assert_eq!(run["retried"].as_u64(), Some(retried as u64), "{said}");
+}
+
 /// Waits until worker `w` knows it is drained (`want`) or not, from its heartbeat replies;
 /// fails the test, saying `what`, if it did not within [`LONG`].
 async fn told(w: &TestWorker, want: bool, what: &str) {
@@ -360,6 +384,7 @@ async fn retry_of_a_run_submits_its_unfinished_tasks_again_as_a_new_run() {
         (&serde_json::json!(true), &serde_json::json!(1)),
         "{report}"
     );
+    agrees_with_the_coordinator(&client, "run-1", &report).await;
     for run in ["run-1-r1", "run-1"] {
         let (code, out, err) = tether(&base, &["retry", "--of", run]).await;
         assert_eq!((code, out.as_str()), (Some(0), ""), "{run}: {err}");
@@ -472,6 +497,7 @@ async fn retry_of_a_run_again_takes_only_its_latest_tries() {
         [(second[0].0.as_str(), 3), (run[1].as_str(), 1)],
         "{report}"
     );
+    agrees_with_the_coordinator(&client, "run-3", &report).await;
     let (code, _, err) = tether(&base, &["retry", "--of", "run-3"]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("nothing to retry"), "{err}");
