@@ -762,6 +762,10 @@ async fn runs_lists_each_run_by_its_latest_tries() {
         ["run-9", "failed", "2", "1 completed, 1 failed", "0", "0"],
         "{out}"
     );
+    let (code, out, err) = tether(&base, &["report", "--name", "run-9", "--json"]).await;
+    assert_eq!(code, Some(1), "a run that failed: {err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    agrees_with_the_coordinator(&client, "run-9", &report).await;
 
     std::fs::write(&ok, b"").expect("the file it needs");
     let (code, out, err) = tether(
